@@ -1,0 +1,1 @@
+"""Benchmarks behind `scripts/benchmark.py`; each module has `main(argv) -> int`."""

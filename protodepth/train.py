@@ -1,0 +1,404 @@
+"""The training loop: Accelerate wiring, checkpoints, logging, progress.
+
+One function, `train(cfg)`, readable top to bottom. Model and loss know nothing of Accelerate; everything
+distributed or precision-related lives here, so the same code runs on a CPU, one GPU, DDP and DeepSpeed.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from protodepth import checkpoint as ckpt
+from protodepth.config import Config, ConfigError
+from protodepth.data import build_datasets, collate_depth
+from protodepth.loss import proto_depth_loss
+from protodepth.model import ProtoDepth
+from protodepth.schedules import Ramp, lr_factor
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stopped being finite."""
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of range(n) that depends only on (seed, epoch).
+
+    Accelerate shards the batches of this order across ranks, and `skip_first_batches` resumes inside an
+    epoch, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass
+class TrainState:
+    """Everything beyond model/optimizer/RNG that a resume needs; saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per process)
+    samples: int = 0  # samples seen, all processes
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)  # (step, loss) at every log point, for the summary and tests
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.__dict__.update(d)
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """'auto' -> 'online' when an API key is configured, else 'offline' (said once, on the main process)."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def check_output_dir(path: Path, min_free_bytes: int) -> None:
+    """Fail before training, with the reason, if the run folder can't hold a checkpoint."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: {path} is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(path).free
+    if free < min_free_bytes:
+        raise ConfigError(
+            f"train.output_dir: {path} has {free / 2**20:.0f} MiB free, a checkpoint needs about "
+            f"{min_free_bytes / 2**20:.0f} MiB; free some space or choose another folder"
+        )
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def build_accelerator(cfg: Config, wandb_mode: str):
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    t = cfg.train
+    kwargs = [
+        InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s)),
+        # every parameter gets a gradient every step: no unused-parameter search, fixed bucket order
+        DistributedDataParallelKwargs(find_unused_parameters=False, static_graph=True),
+    ]
+    if not torch.cuda.is_available() and "ACCELERATE_USE_DEEPSPEED" in os.environ:
+        # DeepSpeed on a CPU machine only works over gloo (shared/facts.md)
+        kwargs[0] = InitProcessGroupKwargs(backend="gloo", timeout=datetime.timedelta(seconds=t.dist_timeout_s))
+    return Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.grad_accum,
+        log_with=None if wandb_mode == "disabled" else "wandb",
+        project_config=ProjectConfiguration(project_dir=t.output_dir, automatic_checkpoint_naming=False),
+        kwargs_handlers=kwargs,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def train(cfg: Config) -> dict:
+    """Train per `cfg`; returns the end-of-run summary (also written to <output_dir>/summary.json)."""
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    out = Path(t.output_dir)
+    ckpt_root = out / "checkpoints"
+    if t.resume is not None and t.resume != "latest" and not Path(t.resume).is_dir():
+        raise ConfigError(f"train.resume: checkpoint folder {t.resume} not found (use 'latest' or a checkpoint path)")
+    wandb_mode = resolve_wandb_mode(t.wandb)
+    if wandb_mode != "disabled":
+        os.environ["WANDB_MODE"] = wandb_mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+    accelerator = build_accelerator(cfg, wandb_mode)
+    is_main = accelerator.is_main_process
+    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    log = accelerator.print
+    set_seed(t.seed, device_specific=False)
+
+    # ---- data: the main process generates the synthetic scenes (if needed) before the others read them
+    with accelerator.main_process_first():
+        train_ds, val_ds = build_datasets(cfg.data, seed=t.seed)
+    if len(train_ds) < t.batch_size * accelerator.num_processes:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} per process x {accelerator.num_processes} processes needs at least "
+            f"{t.batch_size * accelerator.num_processes} training samples, the data has {len(train_ds)}"
+        )
+    loader_kwargs = dict(
+        batch_size=t.batch_size,
+        collate_fn=collate_depth,
+        num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers must see the dataset's new epoch (set_epoch) every epoch
+    )
+    train_sampler = EpochShuffleSampler(len(train_ds), t.seed)
+    train_dl = DataLoader(train_ds, sampler=train_sampler, drop_last=True, **loader_kwargs)
+    val_dl = DataLoader(val_ds, sampler=EpochShuffleSampler(len(val_ds), t.seed, shuffle=False), **loader_kwargs) \
+        if len(val_ds) and t.val_every else None
+
+    # ---- model, optimizer
+    model = ProtoDepth(cfg.model)
+    faces = model.faces  # (F, 3), shared by every slot mesh and prototype
+    if is_main:
+        check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + (64 << 20))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay)
+    if t.compile:
+        model = torch.compile(model)
+    if val_dl is not None:
+        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    else:
+        model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    faces = faces.to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    # ---- resume
+    if t.resume is not None:
+        try:
+            folder = ckpt.find_resume_checkpoint(ckpt_root, t.resume)
+        except ckpt.CheckpointError:
+            if t.resume != "latest":
+                raise
+            folder = None  # "latest" with nothing saved yet: a fresh start, so a restart loop can always pass it
+            log(f"resume=latest: no checkpoint under {ckpt_root} yet, starting from step 0")
+        if folder is not None:
+            accelerator.load_state(str(folder))
+            log(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    if is_main:
+        ckpt.clean_stale_temps(ckpt_root)
+        cfg.save(out / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    tracker_cfg = _flatten(cfg.to_dict())
+    if wandb_mode != "disabled":
+        if is_main and t.wandb == "auto" and wandb_mode == "offline":
+            log("W&B: no API key configured, logging offline into "
+                f"{out / 'wandb'} (sync later with `wandb sync`; train.wandb=disabled turns it off)")
+        accelerator.init_trackers(t.wandb_project, config=tracker_cfg,
+                                  init_kwargs={"wandb": {"dir": str(out), "name": t.run_name or out.name}})
+
+    samples_ramp = Ramp(cfg.loss.samples_per_slot, cfg.loss.samples_per_slot)  # progressive sampling: issue 7
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    world = accelerator.num_processes
+    global_batch = t.batch_size * world * t.grad_accum
+
+    def set_lr(step: int) -> float:
+        f = lr_factor(step, cfg.optim.schedule, cfg.optim.warmup_steps, t.max_steps, cfg.optim.min_lr_ratio)
+        for g, lr in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = lr * f
+        return base_lrs[0] * f
+
+    def save(step: int) -> None:
+        tmp = ckpt.temp_dir(ckpt_root, step)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if is_main:
+            cfg.save(tmp / "config.yaml")  # a checkpoint is self-contained: scripts/infer.py needs only the folder
+            ckpt.commit(ckpt_root, step, t.ckpt_limit)
+        accelerator.wait_for_everyone()
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        gen = torch.Generator(device=accelerator.device).manual_seed(t.seed + 1)  # same val samples every time
+        sums: dict[str, torch.Tensor] = {}
+        n = torch.zeros((), device=accelerator.device)
+        with torch.no_grad():
+            for i, batch in enumerate(val_dl):
+                if t.val_batches and i >= t.val_batches:
+                    break
+                with accelerator.autocast():
+                    scene = model(batch["image"])
+                res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, batch["cloud"], batch["lengths"],
+                                       cfg.loss, generator=gen)
+                bs = batch["image"].shape[0]
+                for k, v in {"total": res.total, **res.terms}.items():
+                    sums[k] = sums.get(k, 0) + v.float() * bs
+                n += bs
+        model.train()
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        stacked = accelerator.reduce(torch.stack([sums[k] for k in keys] + [n]), reduction="sum")
+        return {f"val/{k}": (stacked[i] / stacked[-1]).item() for i, k in enumerate(keys)}
+
+    # ---- the loop
+    model.train()
+    bar = tqdm(total=t.max_steps, initial=state.step, disable=not is_main, desc="train", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    t_last, samples_last = t_start, state.samples
+    last_terms: dict[str, float] = {}
+    last_val: dict[str, float] = {}
+    batch_paths: list[str] = []
+    nonfinite_local = torch.zeros((), device=accelerator.device)
+    lr = set_lr(state.step)
+    done = state.step >= t.max_steps
+    while not done:
+        train_dl.set_epoch(state.epoch)
+        train_ds.set_epoch(state.epoch)
+        epoch_iter = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
+        for batch in epoch_iter:
+            state.batch_in_epoch += 1
+            batch_paths.extend(batch["paths"])
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    scene = model(batch["image"])  # slot_verts (B, K, V, 3) fp32, prototypes (P, V, 3)
+                res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, batch["cloud"], batch["lengths"],
+                                       cfg.loss, samples_per_slot=samples_ramp(state.step))
+                nonfinite_local += (~torch.isfinite(res.total.detach())).float()
+                accelerator.backward(res.total)
+                grad_norm = None
+                if accelerator.sync_gradients and not is_deepspeed:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+                if accelerator.sync_gradients:
+                    # one host sync per optimizer step: agree across ranks whether this step is finite
+                    grad_bad = torch.zeros_like(nonfinite_local) if grad_norm is None else \
+                        (~torch.isfinite(grad_norm)).float().to(nonfinite_local.device)
+                    flags = torch.stack([nonfinite_local, grad_bad])
+                    flags = accelerator.reduce(flags, reduction="sum").tolist()
+                    nonfinite_local.zero_()
+                    # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale)
+                    bad = flags[0] > 0 or (flags[1] > 0 and t.mixed_precision != "fp16")
+                    if bad:
+                        what = "loss" if flags[0] > 0 else "gradient norm"
+                        if t.on_nonfinite == "error":
+                            raise NonFiniteError(
+                                f"non-finite {what} at step {state.step + 1} (epoch {state.epoch}); batch files on "
+                                f"rank {accelerator.process_index}: {', '.join(batch_paths[:8])}"
+                                f"{' ...' if len(batch_paths) > 8 else ''}. No checkpoint was written for this step;"
+                                f" set train.on_nonfinite=skip to drop such steps instead")
+                        optimizer.zero_grad(set_to_none=True)
+                        state.skipped_steps += 1
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            # ---- one optimizer step done
+            batch_paths.clear()
+            state.step += 1
+            state.samples += global_batch
+            bar.update(1)
+            lr = set_lr(state.step)
+            if state.step % t.log_every == 0 or state.step == t.max_steps:
+                terms = accelerator.reduce(torch.stack([res.total.detach()] + list(res.terms.values())), "mean")
+                last_terms = dict(zip(["loss"] + [f"loss/{k}" for k in res.terms], terms.tolist()))
+                now = time.perf_counter()
+                steps_done = t.log_every if state.step % t.log_every == 0 else state.step % t.log_every
+                logs = {**last_terms, "lr": lr, "samples_per_s": (state.samples - samples_last) / (now - t_last),
+                        "step_time_s": (now - t_last) / max(1, steps_done), "epoch": state.epoch,
+                        "samples_per_slot": samples_ramp(state.step)}
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                elif is_deepspeed and hasattr(model, "get_global_grad_norm") and model.get_global_grad_norm() is not None:
+                    logs["grad_norm"] = float(model.get_global_grad_norm())
+                if torch.cuda.is_available():
+                    logs["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                t_last, samples_last = now, state.samples
+                state.history.append((state.step, last_terms["loss"]))
+                accelerator.log(logs, step=state.step)
+                bar.set_postfix(loss=f"{last_terms['loss']:.4g}", refresh=False)
+            if val_dl is not None and state.step % t.val_every == 0:
+                last_val = validate()
+                accelerator.log(last_val, step=state.step)
+            if (t.ckpt_every and state.step % t.ckpt_every == 0) or state.step == t.max_steps:
+                save(state.step)
+            if state.step >= t.max_steps:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    bar.close()
+
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": state.step,
+        "samples": state.samples,
+        "wall_s": round(elapsed, 2),
+        "final": last_terms,
+        "val": last_val,
+        "first_loss": state.history[0][1] if state.history else None,
+        "skipped_steps": state.skipped_steps,
+        "processes": world,
+        "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": t.mixed_precision,
+        "checkpoint": str(ckpt.checkpoint_dirs(ckpt_root)[-1]) if ckpt.checkpoint_dirs(ckpt_root) else None,
+        "output_dir": str(out),
+    }
+    if is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log(_summary_text(summary))
+    accelerator.end_training()
+    # Free the model before interpreter exit: avoids gloo's rare "terminate called without an active exception"
+    # at shutdown (shared/facts.md).
+    del model, optimizer, train_dl, val_dl
+    accelerator.free_memory()
+    gc.collect()
+    return summary
+
+
+def _summary_text(s: dict) -> str:
+    lines = [f"done: {s['steps']} steps, {s['samples']} samples in {s['wall_s']:.1f} s on {s['processes']} "
+             f"process(es) ({s['distributed_type']}, mixed precision {s['mixed_precision']})"]
+    if s["first_loss"] is not None and s["final"]:
+        lines.append(f"loss: {s['first_loss']:.4g} (first log) -> {s['final']['loss']:.4g} (last)")
+    if s["val"]:
+        lines.append("validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(s["val"].items())))
+    if s["skipped_steps"]:
+        lines.append(f"skipped {s['skipped_steps']} non-finite steps")
+    lines.append(f"run folder: {s['output_dir']}  last checkpoint: {s['checkpoint']}")
+    return "\n".join(lines)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

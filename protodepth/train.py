@@ -355,6 +355,10 @@ def train(cfg: Config) -> dict:
     bar.close()
 
     elapsed = time.perf_counter() - t_start
+    # every rank's parameter checksum: equal values prove the replicas stayed in step (DDP / DeepSpeed)
+    with torch.no_grad():
+        local_sum = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
+    rank_checksums = accelerator.gather(local_sum.reshape(1).to(accelerator.device)).tolist()
     summary = {
         "steps": state.step,
         "samples": state.samples,
@@ -362,8 +366,10 @@ def train(cfg: Config) -> dict:
         "final": last_terms,
         "val": last_val,
         "first_loss": state.history[0][1] if state.history else None,
+        "history": [tuple(h) for h in state.history],
         "skipped_steps": state.skipped_steps,
         "processes": world,
+        "rank_checksums": rank_checksums,
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": t.mixed_precision,
         "checkpoint": str(ckpt.checkpoint_dirs(ckpt_root)[-1]) if ckpt.checkpoint_dirs(ckpt_root) else None,

@@ -1,0 +1,50 @@
+"""Real multi-process runs on the CPU, launched the way users launch: DDP over gloo and DeepSpeed ZeRO-2."""
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from trainer_utils import accelerate_bin, override_args, run_script, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: str, overrides: dict, env: dict, nproc: int = 2):
+    cmd = [accelerate_bin(), "launch", "--config_file", config, "--num_processes", str(nproc),
+           "--main_process_port", str(free_port()), "scripts/train.py", *override_args(overrides)]
+    r = run_script(cmd, env_extra=env, timeout=400)
+    assert r.returncode == 0, f"launch failed:\nSTDOUT\n{r.stdout[-3000:]}\nSTDERR\n{r.stderr[-6000:]}"
+    return json.loads(Path(overrides["train.output_dir"], "summary.json").read_text())
+
+
+def test_two_process_ddp_on_cpu_trains_in_step_and_resumes(tmp_path):
+    env = {"ACCELERATE_USE_CPU": "1"}
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 2})
+    s = launch("accelerate_configs/cpu_2proc.yaml", o, env)
+    assert s["processes"] == 2 and "MULTI_CPU" in s["distributed_type"]
+    assert len(s["rank_checksums"]) == 2 and s["rank_checksums"][0] == s["rank_checksums"][1]
+    # resume on both ranks from the checkpoint at step 2 and go on to step 4
+    s2 = launch("accelerate_configs/cpu_2proc.yaml", {**o, "train.max_steps": 4, "train.resume": "latest"}, env)
+    assert s2["steps"] == 4 and s2["rank_checksums"][0] == s2["rank_checksums"][1]
+    assert [h[0] for h in s2["history"]] == [1, 2, 3, 4]
+
+
+def test_two_process_deepspeed_zero2_on_cpu(tmp_path):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 2})
+    s = launch("accelerate_configs/deepspeed_zero2.yaml", o, {"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" /
+                                                                                          "torch_extensions")})
+    assert s["processes"] == 2 and "DEEPSPEED" in s["distributed_type"]
+    assert s["rank_checksums"][0] == s["rank_checksums"][1]
+    ckpt = Path(s["checkpoint"])
+    # DeepSpeed writes its own engine checkpoint (ZeRO optimizer shards per rank) inside save_state's folder
+    shards = list(ckpt.rglob("*optim_states.pt"))
+    assert len(shards) == 2, sorted(p.name for p in ckpt.rglob("*"))

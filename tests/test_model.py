@@ -1,0 +1,90 @@
+"""The model: vectorised posing equals the original loop; parameterisation ranges; backbone weights."""
+import math
+
+import pytest
+import torch
+
+from protodepth.config import ModelConfig
+from protodepth.model import ProtoDepth, SlotParams, WeightsError, build_backbone, pose_slots, pose_slots_loop
+
+
+def random_params(B, K, P, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return SlotParams(
+        scale=torch.rand(B, K, generator=g, dtype=dtype) * 3 + 0.1,
+        trans=torch.randn(B, K, P, 3, generator=g, dtype=dtype) * 10,
+        euler=(torch.rand(B, K, P, 3, generator=g, dtype=dtype) * 2 - 1) * math.pi,
+        weights=torch.softmax(torch.randn(B, K, P, generator=g, dtype=dtype), -1),
+    )
+
+
+def test_vectorised_posing_equals_per_slot_loop():
+    B, K, P, V = 2, 3, 4, 42
+    params = random_params(B, K, P)
+    protos = torch.randn(P, V, 3, dtype=torch.float64)
+    fast = pose_slots(params, protos)
+    slow = pose_slots_loop(params, protos)
+    assert fast.shape == (B, K, V, 3)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+
+
+def test_posing_gradients_match_loop():
+    params = random_params(1, 2, 3)
+    params = SlotParams(*(p.clone().requires_grad_() for p in params))
+    protos = torch.randn(3, 12, 3, dtype=torch.float64, requires_grad=True)
+    g_fast = torch.autograd.grad(pose_slots(params, protos).pow(2).sum(), [*params, protos])
+    g_slow = torch.autograd.grad(pose_slots_loop(params, protos).pow(2).sum(), [*params, protos])
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_forward_shapes_and_ranges():
+    cfg = ModelConfig(num_slots=3, num_prototypes=2, ico_level=1, channels_last=False)
+    model = ProtoDepth(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 48))
+    p = out.params
+    assert p.scale.shape == (2, 3) and p.trans.shape == (2, 3, 2, 3) and p.euler.shape == (2, 3, 2, 3)
+    assert p.weights.shape == (2, 3, 2)
+    assert (p.scale > 0).all() and (p.scale <= 5 * 50).all()
+    assert p.trans.abs().max() <= 1000 and p.euler.abs().max() <= math.pi
+    torch.testing.assert_close(p.weights.sum(-1), torch.ones(2, 3))
+    assert out.slot_verts.shape == (2, 3, 42, 3) and out.slot_verts.dtype == torch.float32
+    assert out.prototypes.shape == (2, 42, 3)
+    # zero-initialised offsets: the prototypes start as the unit sphere
+    torch.testing.assert_close(out.prototypes.norm(dim=-1), torch.ones(2, 42))
+
+
+def test_local_weights_file_loads(tmp_path):
+    src = build_backbone("none")
+    state = {k: v for k, v in src.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 2048)  # a classifier in the file is ignored
+    path = tmp_path / "r50.pth"
+    torch.save(state, path)
+    loaded = build_backbone(str(path))
+    for (k, a), b in zip(src.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_missing_or_wrong_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        build_backbone(str(tmp_path / "missing.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(WeightsError, match="does not hold ResNet-50 weights"):
+        build_backbone(str(wrong))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a readable"):
+        build_backbone(str(junk))
+
+
+def test_imagenet_weights_without_network_is_a_clear_error(monkeypatch):
+    import torchvision
+
+    def no_network(self, *a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_network)
+    with pytest.raises(WeightsError, match="could not download"):
+        build_backbone("imagenet")

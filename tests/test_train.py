@@ -1,0 +1,91 @@
+"""The training loop in one process: the loss falls, resume is exact, W&B offline logs, errors are clear."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from protodepth.config import ConfigError
+from protodepth.train import train
+from trainer_utils import REPO, override_args, python, run_script, tiny_config, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def load_params(ckpt_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt_dir / "model.safetensors"))
+
+
+def test_loss_falls_over_a_few_dozen_steps(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 30, "train.log_every": 5, "optim.lr": 3e-4})
+    s = train(cfg)
+    losses = [l for _, l in s["history"]]
+    assert len(losses) == 6
+    assert losses[-1] < 0.5 * losses[0], losses
+    run = Path(cfg.train.output_dir)
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert s["checkpoint"] and Path(s["checkpoint"], "MANIFEST.json").is_file()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_equals_uninterrupted_run(tmp_path, grad_accum):
+    # 7 steps straight vs 3 steps + save + load + 4 steps, crossing an epoch boundary mid-way
+    common = {"train.grad_accum": grad_accum, "train.ckpt_every": 3, "train.deterministic": True}
+    straight = train(tiny_config(tmp_path / "a", **{**common, "train.max_steps": 7}))
+    first = train(tiny_config(tmp_path / "b", **{**common, "train.max_steps": 3}))
+    assert first["steps"] == 3
+    resumed = train(tiny_config(tmp_path / "b", **{**common, "train.max_steps": 7, "train.resume": "latest"}))
+    assert resumed["steps"] == 7
+    assert resumed["history"] == straight["history"]
+    a, b = load_params(Path(straight["checkpoint"])), load_params(Path(resumed["checkpoint"]))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_latest_without_checkpoints_starts_fresh_but_a_missing_path_is_an_error(tmp_path):
+    s = train(tiny_config(tmp_path, **{"train.max_steps": 1, "train.resume": "latest"}))
+    assert s["steps"] == 1
+    with pytest.raises(ConfigError, match="train.resume"):
+        train(tiny_config(tmp_path, **{"train.resume": str(tmp_path / "nope")}))
+
+
+def test_wandb_offline_run_holds_the_logged_keys(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 3, "train.wandb": "auto", "train.val_every": 3})
+    train(cfg)
+    runs = list((Path(cfg.train.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    for key in ("loss", "loss/global", "loss/slot", "loss/repulsion", "loss/edge", "loss/normal", "loss/laplacian",
+                "lr", "samples_per_s", "step_time_s", "val/total"):
+        assert key in summary, key
+
+
+def test_missing_data_folder_is_one_clear_error(tmp_path):
+    o = tiny_overrides(tmp_path, **{"data.source": "synthia", "data.root": str(tmp_path / "no-such-folder")})
+    r = run_script([python(), "scripts/train.py", *override_args(o)], timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error:") and "no-such-folder" in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_config_value_on_the_command_line_is_one_clear_error(tmp_path):
+    r = run_script([python(), "scripts/train.py", "train.mixed_precision=fp8"], timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: train.mixed_precision")
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,224 @@
+"""The preprocessed (cache) form of a depth dataset, built once by `scripts/prepare_data.py`.
+
+Layout of a cache folder:
+- `manifest.json`: format version, the config values it was built with (`DataConfig.cache_fields()`), the
+  frame list (path relative to the root, sequence), shapes and dtypes. Checked on every load.
+- `images.bin`: network inputs, raw (F, H, W) in `cache_dtype`, already at their final size.
+- `points.bin`: raw (P_total, 3) float32, every frame's valid points (or its per-bin pool) sorted by Z bin.
+- `offsets.npy`: (F, num_bins + 1) int64; bin b of frame i is points[offsets[i, b]:offsets[i, b + 1]].
+
+A sample then costs one image slice and one gather of the drawn point rows from memory-mapped files: no PNG
+decode, no resize, no back-projection. The point lists and the draw are those of the PNG path
+(`process_depth`, `draw_indices`), so both paths give the same samples (bitwise with float32 images).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import warnings
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from protodepth.data.config import DataConfig
+from protodepth.data.dataset import DepthDataset, scan_frames
+from protodepth.data.synthia import (BadFrameError, Frame, draw_indices, frame_key, list_frames, process_depth,
+                                     read_depth_png, sample_rng)
+from protodepth.data.synthetic import folder_lock, read_meta, replace_folder
+
+CACHE_FORMAT = "protodepth-depth-cache"
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+def _process_one(args):
+    cfg, fr = args
+    try:
+        p = process_depth(read_depth_png(fr.path), cfg, fr.rel, fr.path)
+        return p.image, p.points, p.counts, None
+    except BadFrameError as e:
+        return None, None, None, str(e)
+
+
+def build_cache(cfg: DataConfig, root: str, out_dir: str, workers: int = 0, progress: bool = True,
+                source_meta: dict | None = None) -> dict:
+    """Convert every depth PNG under `root` into a cache folder at `out_dir` (replaced atomically when done).
+
+    `workers` > 0 decodes frames in that many processes. `source_meta` (the synthetic generator's metadata)
+    is stored so a cache of regenerated scenes is recognised as stale. Bad frames raise `BadFrameError` naming the file, or
+    with cfg.skip_bad_frames are left out with one warning and a count. Returns the manifest."""
+    frames = scan_frames(list_frames(root), cfg.skip_bad_frames)
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dtype = np.dtype(cfg.cache_dtype)
+    kept, offsets, skipped, total = [], [], [], 0
+    pool = mp.get_context("fork").Pool(workers) if workers > 0 else None
+    try:
+        jobs = ((cfg, fr) for fr in frames)
+        results = pool.imap(_process_one, jobs, chunksize=4) if pool else map(_process_one, jobs)
+        with open(os.path.join(tmp, "images.bin"), "wb") as fi, open(os.path.join(tmp, "points.bin"), "wb") as fp:
+            bar = tqdm(results, total=len(frames), desc=f"preparing {os.path.basename(out_dir)}", unit="frame",
+                       disable=not progress, dynamic_ncols=True)
+            for fr, (image, points, counts, err) in zip(frames, bar):
+                if err is not None:
+                    if not cfg.skip_bad_frames:
+                        raise BadFrameError(f"{err}; set data.skip_bad_frames=true to leave such frames out")
+                    skipped.append((fr.rel, err))
+                    continue
+                fi.write(np.ascontiguousarray(image[0], dtype=dtype).tobytes())
+                fp.write(np.ascontiguousarray(points, dtype=np.float32).tobytes())
+                offsets.append(total + np.concatenate([[0], np.cumsum(counts)]))
+                total += int(counts.sum())
+                kept.append(fr)
+        if not kept:
+            raise BadFrameError(f"data.root {root}: no usable depth frame ({len(skipped)} bad, first: {skipped[0][1]})")
+        if skipped:
+            warnings.warn(f"left {len(skipped)} of {len(frames)} frames out of the cache; first: {skipped[0][1]}",
+                          RuntimeWarning, stacklevel=2)
+        np.save(os.path.join(tmp, "offsets.npy"), np.stack(offsets).astype(np.int64))
+        manifest = {
+            "format": CACHE_FORMAT, "version": CACHE_VERSION, "config": cfg.cache_fields(), "root": root,
+            "image_shape": [cfg.height, cfg.width], "image_dtype": dtype.name, "num_points": total,
+            "frames": [{"rel": f.rel, "sequence": f.sequence} for f in kept],
+            "skipped": [r for r, _ in skipped], "source_meta": source_meta,
+        }
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        replace_folder(tmp, out_dir)
+    finally:
+        if pool:
+            pool.terminate()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+def read_manifest(cache_dir: str) -> dict:
+    path = os.path.join(cache_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"preprocessed data {path}: not found; build it with "
+                                "`python scripts/prepare_data.py --config <your config>` or use data.format=png") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"preprocessed data {path}: manifest is not valid JSON ({e}); rebuild it with "
+                         "scripts/prepare_data.py") from None
+    if not isinstance(m, dict) or m.get("format") != CACHE_FORMAT:
+        raise ValueError(f"preprocessed data {path}: not a protodepth cache manifest; point data.cache_dir at a "
+                         "folder written by scripts/prepare_data.py")
+    if m.get("version") != CACHE_VERSION:
+        raise ValueError(f"preprocessed data {path}: cache version {m.get('version')}, this protodepth reads "
+                         f"version {CACHE_VERSION}; rebuild it with scripts/prepare_data.py")
+    return m
+
+
+def check_manifest(m: dict, cfg: DataConfig, cache_dir: str) -> None:
+    """Raise ValueError naming the first field where the cache's build settings differ from `cfg`."""
+    path = os.path.join(cache_dir, MANIFEST)
+    built = m.get("config", {})
+    for field, want in cfg.cache_fields().items():
+        if built.get(field) != want:
+            raise ValueError(f"data.{field}: the config says {want!r} but the preprocessed data {path} was built with "
+                             f"{built.get(field)!r}; rebuild it (python scripts/prepare_data.py with this config) or "
+                             "point data.cache_dir elsewhere")
+
+
+class DepthCache:
+    """A cache folder opened for reading: frame list plus lazily opened memory maps (re-opened in each
+    process after pickling, so DataLoader workers never copy the arrays)."""
+
+    def __init__(self, cache_dir: str, cfg: DataConfig):
+        self.cache_dir = cache_dir
+        self.manifest = m = read_manifest(cache_dir)
+        check_manifest(m, cfg, cache_dir)
+        self.rels = [f["rel"] for f in m["frames"]]
+        self.sequences = [f["sequence"] for f in m["frames"]]
+        self.keys = [frame_key(r) for r in self.rels]
+        self.root = m["root"]
+        self.offsets = np.load(os.path.join(cache_dir, "offsets.npy"))
+        h, w = m["image_shape"]
+        n = len(self.rels)
+        if self.offsets.shape != (n, cfg.num_bins + 1):
+            raise ValueError(f"preprocessed data {cache_dir}/offsets.npy: shape {self.offsets.shape}, expected "
+                             f"{(n, cfg.num_bins + 1)}; the cache is damaged, rebuild it")
+        self._shapes = {"images.bin": ((n, h, w), np.dtype(m["image_dtype"])),
+                        "points.bin": ((m["num_points"], 3), np.dtype(np.float32))}
+        for name, (shape, dt) in self._shapes.items():
+            path = os.path.join(cache_dir, name)
+            want = int(np.prod(shape)) * dt.itemsize
+            have = os.path.getsize(path) if os.path.exists(path) else -1
+            if have != want:
+                raise ValueError(f"preprocessed data {path}: {have} bytes, expected {want}; the cache is incomplete "
+                                 "or damaged, rebuild it with scripts/prepare_data.py")
+        self._maps: dict | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    def maps(self) -> dict:
+        if self._maps is None:
+            self._maps = {name.split(".")[0]: np.memmap(os.path.join(self.cache_dir, name), dtype=dt, mode="r",
+                                                        shape=shape)
+                          for name, (shape, dt) in self._shapes.items()}
+        return self._maps
+
+
+class CachedDepthDataset(DepthDataset):
+    """Samples from a `DepthCache`, restricted to the frame indices `indices` (a split)."""
+
+    def __init__(self, cache: DepthCache, indices: list[int], cfg: DataConfig, seed: int, vary_per_epoch: bool = True):
+        super().__init__(cfg, seed, vary_per_epoch, skip_bad=False)  # bad frames were left out when building
+        self.cache = cache
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._root = cfg.resolved_root() if cfg.root or cfg.source == "synthetic" else cache.root
+
+    def _frame_count(self) -> int:
+        return len(self.indices)
+
+    def _describe(self, j: int) -> str:
+        return os.path.join(self._root, self.cache.rels[self.indices[j]])
+
+    def _load(self, j: int, epoch: int) -> dict:
+        f = int(self.indices[j])
+        maps = self.cache.maps()
+        off = self.cache.offsets[f]
+        idx = draw_indices(np.diff(off), self.cfg.points_per_bin, sample_rng(self.seed, epoch, self.cache.keys[f]))
+        cloud = torch.from_numpy(maps["points"][idx + off[0]])
+        image = torch.from_numpy(np.array(maps["images"][f], dtype=np.float32)).expand(3, -1, -1).contiguous()
+        return {"image": image, "cloud": cloud, "path": self._describe(j)}
+
+
+def open_cache(cfg: DataConfig, root: str, progress: bool = True) -> DepthCache:
+    """Open the cache for `cfg` (checking its manifest). For the synthetic source a missing or outdated cache
+    is (re)built here under a file lock; for SYNTHIA a missing one raises FileNotFoundError saying how to build
+    it, and one built with other settings raises ValueError naming the field."""
+    cache_dir = cfg.resolved_cache_dir()
+    if cfg.source == "synthetic":
+        meta = read_meta(root)
+
+        def usable() -> bool:
+            try:
+                m = read_manifest(cache_dir)
+                check_manifest(m, cfg, cache_dir)
+                return m.get("source_meta") == meta
+            except (FileNotFoundError, ValueError):
+                return False
+        if not usable():
+            with folder_lock(cache_dir):
+                if not usable():
+                    build_cache(cfg, root, cache_dir, progress=progress, source_meta=meta)
+    return DepthCache(cache_dir, cfg)
+
+
+__all__ = ["build_cache", "open_cache", "DepthCache", "CachedDepthDataset", "read_manifest", "check_manifest",
+           "Frame"]

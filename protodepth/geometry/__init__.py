@@ -1,0 +1,16 @@
+"""Pure tensor geometry ops that mirror PyTorch3D 0.7.9 (signatures and results), without PyTorch3D.
+
+Meshes are batches sharing one topology: verts (M, V, 3) with faces (F, 3), or faces (M, F, 3).
+"""
+from .icosphere import ico_sphere
+from .mesh_losses import mesh_edge_loss, mesh_laplacian_smoothing, mesh_normal_consistency
+from .rotations import euler_angles_to_matrix, matrix_to_euler_angles
+
+__all__ = [
+    "ico_sphere",
+    "euler_angles_to_matrix",
+    "matrix_to_euler_angles",
+    "mesh_edge_loss",
+    "mesh_normal_consistency",
+    "mesh_laplacian_smoothing",
+]

@@ -1,0 +1,392 @@
+"""Fused K-nearest-neighbour search in Triton: exact, padded batches, half inputs, deterministic backward.
+
+`knn_points_triton` is what `protodepth.geometry.knn.knn_points` calls for CUDA inputs. It never forms the
+(N, P1, P2) distance matrix: each program owns a tile of BLOCK_Q queries of one cloud, walks the candidate cloud in
+tiles of BLOCK_C points, computes the direct form sum_d (a_d - b_d)^2 (or sum_d |a_d - b_d| for norm=1) in fp32
+(fp64 for fp64 inputs) and keeps a running top-K per query in registers. The direct form is what PyTorch3D and the
+torch path compute, so indices agree with them except for exact ties; the expanded |a|^2 + |b|^2 - 2ab form would be
+faster but cancels badly for points far from the origin and can swap near neighbours.
+
+Ties are broken towards the lower candidate index, both inside a tile and across tiles.
+
+Backward (no atomics, bit-identical across runs):
+- grad_p1[n, i] = sum_k g[n, i, k] * dD/dp1, a per-query gather in torch (fixed order).
+- grad_p2[n, j] = -sum over every (i, k) that chose j: the (n, idx) keys of all chosen pairs are sorted with a stable
+  sort, giving each candidate a contiguous segment (a CSR of the queries that chose it), and one Triton program per
+  block of candidates sums its segment in that fixed order.
+
+Padding follows PyTorch3D: queries i >= lengths1[n] get dists 0 and idx 0; slots k >= lengths2[n] (K larger than
+the candidate cloud) get dists 0 and idx 0 after the valid, ascending neighbours.
+
+Triton's interpreter (`TRITON_INTERPRET=1` set before triton is imported) runs the same kernels on CPU tensors; the
+tests use it so that CI exercises the kernels without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton ships with torch's CUDA wheels; a CPU-only install may lack it
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_ERROR = exc
+
+__all__ = ["knn_points_triton", "triton_available", "MAX_K", "MAX_D"]
+
+MAX_K = 128  # running top-K lives in registers: (BLOCK_Q, next_pow2(K)) per program
+MAX_D = 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """True when triton imports; kernels then run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _knn_fwd_kernel(
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr,
+        P1, P2, CHUNK,
+        K: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
+        ACC: tl.constexpr, FINAL: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """One program: BLOCK_Q queries of cloud n against candidates [s*CHUNK, (s+1)*CHUNK) of cloud n.
+
+        p1 (N, P1, D), p2 (N, P2, D) contiguous; lengths (N,) int64. Output (S, N, P1, K) with S = grid dim 2.
+        FINAL (a single split): write PyTorch3D padding (0, 0) directly. Otherwise write +inf / -1 for empty slots
+        and padded queries; the host merges the splits and pads afterwards.
+        """
+        pid_q = tl.program_id(0)
+        n = tl.program_id(1)
+        s = tl.program_id(2)
+        num_n = tl.num_programs(1)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = q < L1
+        slot = tl.arange(0, KP)
+        cols = tl.arange(0, BLOCK_C)
+        p1_base = p1_ptr + n.to(tl.int64) * P1 * D
+        p2_base = p2_ptr + n.to(tl.int64) * P2 * D
+
+        inf = float("inf")
+        best_d = tl.full((BLOCK_Q, KP), inf, ACC)
+        # slots >= K are parked at -inf so the eviction max never picks them
+        best_d = tl.where(slot[None, :] < K, best_d, -inf)
+        # distinct negative placeholders keep the (dist, idx) eviction rule unambiguous before slots fill
+        best_i = tl.zeros((BLOCK_Q, KP), tl.int32) - 1 - slot[None, :]
+
+        c_start = s * CHUNK
+        c_end = tl.minimum(L2, c_start + CHUNK)
+        # a tile of padded queries does no search at all
+        if pid_q * BLOCK_Q >= L1:
+            c_end = c_start
+        for c0 in range(c_start, c_end, BLOCK_C):
+            c = c0 + cols
+            cmask = c < c_end
+            dist = tl.zeros((BLOCK_Q, BLOCK_C), ACC)
+            for d in tl.static_range(D):
+                a = tl.load(p1_base + q * D + d, mask=qmask, other=0.0).to(ACC)
+                b = tl.load(p2_base + c * D + d, mask=cmask, other=0.0).to(ACC)
+                diff = a[:, None] - b[None, :]
+                if NORM == 2:
+                    dist += diff * diff
+                else:
+                    dist += tl.abs(diff)
+            dist = tl.where(cmask[None, :], dist, inf)
+            if K == 1:
+                m, arg = tl.min(dist, 1, return_indices=True, return_indices_tie_break_left=True)
+                # strict <: a later tile never displaces an equal distance with a lower index
+                upd = m < tl.max(best_d, 1)
+                best_d = tl.where(upd[:, None], m[:, None], best_d)
+                best_i = tl.where(upd[:, None], (c0 + arg)[:, None], best_i)
+            else:
+                kth = tl.max(best_d, 1)
+                hits = (dist < kth[:, None]).to(tl.int32)
+                n_ins = tl.minimum(tl.max(tl.sum(hits, 1), 0), K)
+                for _ in range(n_ins):
+                    m, arg = tl.min(dist, 1, return_indices=True, return_indices_tie_break_left=True)
+                    mx = tl.max(best_d, 1)
+                    # evict the worst slot; among equal worst distances the one with the highest index
+                    ev = tl.max(tl.where(best_d == mx[:, None], best_i, -2147483647), 1)
+                    ins = m < mx
+                    sel = (best_d == mx[:, None]) & (best_i == ev[:, None]) & ins[:, None]
+                    best_d = tl.where(sel, m[:, None], best_d)
+                    best_i = tl.where(sel, (c0 + arg)[:, None], best_i)
+                    dist = tl.where(cols[None, :] == arg[:, None], inf, dist)
+
+        out_base = (s.to(tl.int64) * num_n + n) * P1 * K
+        row_ok = q < P1
+        bd = tl.where(slot[None, :] < K, best_d, inf)
+        for k in tl.static_range(K):
+            # ascending (dist, idx) order: smallest distance, then smallest index among equals
+            m = tl.min(bd, 1)
+            at_m = bd == m[:, None]
+            i_sel = tl.min(tl.where(at_m, best_i, 2147483647), 1)
+            bd = tl.where(at_m & (best_i == i_sel[:, None]), inf, bd)
+            valid = qmask & (k < L2) & (m < inf)
+            if FINAL:
+                out_d = tl.where(valid, m, 0.0)
+                out_i = tl.where(valid, i_sel, 0)
+            else:
+                out_d = tl.where(valid, m, inf)
+                out_i = tl.where(valid, i_sel, -1)
+            tl.store(dist_ptr + out_base + q * K + k, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(idx_ptr + out_base + q * K + k, out_i.to(tl.int64), mask=row_ok)
+
+    @triton.jit
+    def _knn_grad_p2_kernel(
+        p1_ptr, p2_ptr, g_ptr, order_ptr, seg_ptr, out_ptr,
+        NP2, P2, K,
+        D: tl.constexpr, DP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):
+        """grad_p2 rows [pid*BLOCK_J, ...) of the flat (N*P2, D) gradient, each summed over its CSR segment in order.
+
+        order (M,) int64: flat (n, i, k) entries of the chosen pairs sorted stably by their flat candidate row;
+        seg (N*P2 + 1,) int64: segment bounds into order. g (N, P1, K) fp32; p1 (N*P1, D); p2 (N*P2, D).
+        """
+        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jmask = j < NP2
+        dd = tl.arange(0, DP)
+        dmask = dd < D
+        start = tl.load(seg_ptr + j, mask=jmask, other=0)
+        cnt = tl.load(seg_ptr + j + 1, mask=jmask, other=0) - start
+        pj = tl.load(p2_ptr + j[:, None].to(tl.int64) * D + dd[None, :],
+                     mask=jmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        acc = tl.zeros((BLOCK_J, DP), ACC)
+        max_cnt = tl.max(cnt, 0)
+        for t in range(max_cnt):
+            live = t < cnt
+            e = tl.load(order_ptr + start + t, mask=live, other=0)
+            row = e // K  # flat query row n*P1 + i
+            gv = tl.load(g_ptr + e, mask=live, other=0.0).to(ACC)
+            pq = tl.load(p1_ptr + row[:, None] * D + dd[None, :],
+                         mask=live[:, None] & dmask[None, :], other=0.0).to(ACC)
+            diff = pq - pj
+            if NORM == 2:
+                contrib = 2.0 * gv[:, None] * diff
+            else:
+                sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(ACC)
+                contrib = gv[:, None] * sgn
+            acc -= tl.where(live[:, None], contrib, 0.0)
+        tl.store(out_ptr + j[:, None].to(tl.int64) * D + dd[None, :], acc,
+                 mask=jmask[:, None] & dmask[None, :])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.device, block_q=None, block_c=None,
+                    splits=None):
+    """Tile sizes, warps and the number of candidate splits for one call (heuristics measured on an H100)."""
+    bq = block_q or (64 if K <= 4 else 32)
+    bc = block_c or (128 if K <= 4 else 64)
+    if _interpreting():
+        bq, bc = block_q or 16, block_c or 16
+    n_qblocks = triton.cdiv(P1, bq)
+    if splits is None:
+        # too few query tiles to fill the GPU: split the candidates too and merge afterwards
+        target = 4 * _sm_count(device)
+        splits = 1
+        if N * n_qblocks < target:
+            splits = min(triton.cdiv(target, N * n_qblocks), max(1, P2 // (4 * bc)))
+    splits = max(1, min(int(splits), triton.cdiv(max(P2, 1), bc)))
+    chunk = triton.cdiv(triton.cdiv(max(P2, 1), splits), bc) * bc
+    splits = triton.cdiv(max(P2, 1), chunk)
+    num_warps = 4 if bq * bc >= 4096 else 2
+    return bq, bc, splits, chunk, num_warps
+
+
+def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
+    if triton is None:
+        raise RuntimeError(f"triton is not importable: {_TRITON_ERROR}")
+    if not isinstance(p1, torch.Tensor) or p1.dim() != 3:
+        raise ValueError(f"p1 must be a (N, P1, D) tensor, got {getattr(p1, 'shape', type(p1))}")
+    if not isinstance(p2, torch.Tensor) or p2.dim() != 3:
+        raise ValueError(f"p2 must be a (N, P2, D) tensor, got {getattr(p2, 'shape', type(p2))}")
+    if p1.shape[0] != p2.shape[0] or p1.shape[2] != p2.shape[2]:
+        raise ValueError(f"p1 {tuple(p1.shape)} and p2 {tuple(p2.shape)} must agree in N and D")
+    if not 1 <= p1.shape[2] <= MAX_D:
+        raise ValueError(f"point dimension D must be in [1, {MAX_D}] for the Triton path, got {p1.shape[2]}")
+    if p1.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or p2.dtype != p1.dtype:
+        raise ValueError(f"p1 and p2 must share a float dtype (fp32/fp16/bf16/fp64), got {p1.dtype}, {p2.dtype}")
+    if p1.device != p2.device:
+        raise ValueError(f"p1 and p2 must be on one device, got {p1.device} and {p2.device}")
+    if p1.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"p1 must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {p1.device}")
+    if not isinstance(K, int) or not 1 <= K <= MAX_K:
+        raise ValueError(f"K must be an int in [1, {MAX_K}] for the Triton path, got {K!r}")
+    if norm not in (1, 2):
+        raise ValueError(f"norm must be 1 or 2, got {norm!r}")
+    for name, lengths in (("lengths1", lengths1), ("lengths2", lengths2)):
+        if lengths.shape != (p1.shape[0],):
+            raise ValueError(f"{name} must have shape ({p1.shape[0]},), got {tuple(lengths.shape)}")
+
+
+def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None):
+    """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding."""
+    N, P1, D = p1.shape
+    P2 = p2.shape[1]
+    dev = p1.device
+    out_dtype = _out_dtype(p1.dtype)
+    if N == 0 or P1 == 0:
+        return torch.zeros(N, P1, K, dtype=out_dtype, device=dev), torch.zeros(N, P1, K, dtype=torch.int64, device=dev)
+    p1c = p1.detach().contiguous()
+    p2c = p2.detach().contiguous()
+    l1 = lengths1.to(device=dev, dtype=torch.int64).contiguous()
+    l2 = lengths2.to(device=dev, dtype=torch.int64).contiguous()
+    bq, bc, S, chunk, warps = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits)
+    dists = torch.empty(S, N, P1, K, dtype=out_dtype, device=dev)
+    idx = torch.empty(S, N, P1, K, dtype=torch.int64, device=dev)
+    grid = (triton.cdiv(P1, bq), N, S)
+    _knn_fwd_kernel[grid](
+        p1c, p2c, l1, l2, dists, idx, P1, P2, chunk,
+        K=K, KP=_next_pow2(max(K, 2)), D=D, NORM=norm, ACC=_acc_dtype(p1.dtype), FINAL=(S == 1),
+        BLOCK_Q=bq, BLOCK_C=bc, num_warps=warps,
+    )
+    if S == 1:
+        return dists[0], idx[0]
+    # Splits hold increasing candidate ranges, each sorted by (dist, idx): a stable sort of the split-major
+    # concatenation keeps equal distances in ascending index order.
+    cat_d = dists.permute(1, 2, 0, 3).reshape(N, P1, S * K)
+    cat_i = idx.permute(1, 2, 0, 3).reshape(N, P1, S * K)
+    sd, order = torch.sort(cat_d, dim=2, stable=True)
+    sd = sd[:, :, :K]
+    si = torch.gather(cat_i, 2, order[:, :, :K])
+    ar_q = torch.arange(P1, device=dev)[None, :, None]
+    ar_k = torch.arange(K, device=dev)[None, None, :]
+    valid = (ar_q < l1[:, None, None]) & (ar_k < l2[:, None, None]) & (si >= 0)
+    return sd.masked_fill(~valid, 0.0).contiguous(), si.masked_fill(~valid, 0).contiguous()
+
+
+def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm):
+    """(grad_p1 (N, P1, D), grad_p2 (N, P2, D)) in the inputs' dtype; deterministic, no atomics."""
+    N, P1, D = p1.shape
+    P2 = p2.shape[1]
+    K = idx.shape[2]
+    dev = p1.device
+    acc = _out_dtype(p1.dtype)
+    l1 = lengths1.to(device=dev, dtype=torch.int64)
+    l2 = lengths2.to(device=dev, dtype=torch.int64)
+    ar_q = torch.arange(P1, device=dev)[None, :, None]
+    ar_k = torch.arange(K, device=dev)[None, None, :]
+    valid = (ar_q < l1[:, None, None]) & (ar_k < l2[:, None, None])
+    g = torch.where(valid, grad_dists.to(acc), torch.zeros((), dtype=acc, device=dev)).contiguous()
+
+    p1a = p1.detach().to(acc)
+    p2a = p2.detach().to(acc)
+    # grad_p1: gather the K chosen candidates of every query and sum over k in a fixed order
+    rows = (torch.arange(N, device=dev)[:, None, None] * P2 + idx.clamp(0, max(P2 - 1, 0))).reshape(-1)
+    if P2 > 0:
+        nb = p2a.reshape(N * P2, D).index_select(0, rows).reshape(N, P1, K, D)
+    else:
+        nb = torch.zeros(N, P1, K, D, dtype=acc, device=dev)
+    diff = p1a[:, :, None, :] - nb
+    contrib = 2.0 * diff if norm == 2 else torch.sign(diff)
+    grad_p1 = (g[..., None] * contrib).sum(2)
+
+    grad_p2 = torch.zeros(N * P2, D, dtype=acc, device=dev)
+    if N * P2 > 0:
+        # CSR of the queries that chose each candidate: stable sort of flat candidate rows (invalid pairs last)
+        keys = torch.where(valid.reshape(-1), rows, torch.full_like(rows, N * P2))
+        _, order = torch.sort(keys, stable=True)
+        sorted_keys = keys[order]
+        seg = torch.searchsorted(sorted_keys, torch.arange(N * P2 + 1, device=dev, dtype=torch.int64))
+        block_j = 16 if _interpreting() else 128
+        grid = (triton.cdiv(N * P2, block_j),)
+        _knn_grad_p2_kernel[grid](
+            p1a.reshape(N * P1, D).contiguous(), p2a.reshape(N * P2, D).contiguous(), g, order, seg, grad_p2,
+            N * P2, P2, K, D=D, DP=_next_pow2(D), NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_J=block_j,
+            num_warps=4,
+        )
+    return grad_p1.to(p1.dtype), grad_p2.reshape(N, P2, D).to(p2.dtype)
+
+
+class _KnnPointsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p1, p2, lengths1, lengths2, K, norm, block_q, block_c, splits):
+        dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q, block_c, splits)
+        ctx.save_for_backward(p1, p2, lengths1, lengths2, idx)
+        ctx.norm = norm
+        ctx.mark_non_differentiable(idx)
+        return dists, idx
+
+    @staticmethod
+    def backward(ctx, grad_dists, grad_idx):
+        p1, p2, lengths1, lengths2, idx = ctx.saved_tensors
+        if grad_dists is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return (None,) * 9
+        g1, g2 = _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, ctx.norm)
+        return (g1 if ctx.needs_input_grad[0] else None, g2 if ctx.needs_input_grad[1] else None) + (None,) * 7
+
+
+def knn_points_triton(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    lengths1: torch.Tensor | None = None,
+    lengths2: torch.Tensor | None = None,
+    K: int = 1,
+    norm: int = 2,
+    return_sorted: bool = True,
+    *,
+    block_q: int | None = None,
+    block_c: int | None = None,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K nearest neighbours in p2 of every point of p1, on the GPU, without a distance matrix.
+
+    Args:
+        p1: (N, P1, D) queries, D <= 16, fp32/fp16/bf16/fp64, CUDA (CPU only under TRITON_INTERPRET=1).
+        p2: (N, P2, D) candidates, same dtype and device.
+        lengths1: (N,) int64 valid queries per cloud (None: all P1); values are clamped to [0, P1].
+        lengths2: (N,) int64 valid candidates per cloud (None: all P2); clamped to [0, P2].
+        K: neighbours per query, 1 <= K <= 128.
+        norm: 2 for squared Euclidean distances, 1 for L1.
+        return_sorted: accepted for API parity; results are always ascending in (dist, idx), which is also a valid
+            answer when unsorted output is requested.
+        block_q, block_c, splits: tiling overrides for tests and benchmarks (None: heuristics).
+
+    Returns:
+        dists: (N, P1, K) float32 (float64 for fp64 inputs; fp16/bf16 inputs are accumulated and returned in fp32),
+            differentiable w.r.t. p1 and p2 with a deterministic backward.
+        idx: (N, P1, K) int64 indices into p2. Padded queries (i >= lengths1[n]) and slots k >= lengths2[n] hold
+            dists 0 and idx 0, as in PyTorch3D.
+    """
+    N = p1.shape[0] if isinstance(p1, torch.Tensor) and p1.dim() == 3 else None
+    if lengths1 is None and N is not None:
+        lengths1 = torch.full((N,), p1.shape[1], dtype=torch.int64, device=p1.device)
+    if lengths2 is None and N is not None and isinstance(p2, torch.Tensor) and p2.dim() == 3:
+        lengths2 = torch.full((N,), p2.shape[1], dtype=torch.int64, device=p1.device)
+    if lengths1 is None or lengths2 is None:
+        _check_inputs(p1, p2, torch.empty(0), torch.empty(0), K, norm)
+    _check_inputs(p1, p2, lengths1, lengths2, K, norm)
+    del return_sorted
+    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, block_q, block_c, splits)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from protodepth.data.config import DataConfig
 from protodepth.data.synthia import write_depth_png
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 META_NAME = "protodepth_synthetic.json"
 
 
@@ -122,7 +122,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int, focal: float
     depth = _hit_plane(dirs, up, -cam_h, rng.uniform(50.0, 90.0))
     tan_half = width / 2.0 / focal
     for _ in range(int(rng.integers(4, 13))):
-        zc = rng.uniform(4.0, 60.0)
+        zc = 4.0 + 56.0 * rng.random() ** 1.5  # 4-60 m, denser near the camera where objects look bigger
         xc = rng.uniform(-0.9, 0.9) * tan_half * zc
         # the ground point below (xc, ., -zc): solve up . p = -cam_h for its y
         yg = (-cam_h - up[0] * xc + up[2] * zc) / up[1]

@@ -240,8 +240,6 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
         raise ValueError(f"p1 and p2 must share a float dtype (fp32/fp16/bf16/fp64), got {p1.dtype}, {p2.dtype}")
     if p1.device != p2.device:
         raise ValueError(f"p1 and p2 must be on one device, got {p1.device} and {p2.device}")
-    if p1.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"p1 must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {p1.device}")
     if not isinstance(K, int) or not 1 <= K <= MAX_K:
         raise ValueError(f"K must be an int in [1, {MAX_K}] for the Triton path, got {K!r}")
     if norm not in (1, 2):
@@ -249,6 +247,8 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
     for name, lengths in (("lengths1", lengths1), ("lengths2", lengths2)):
         if lengths.shape != (p1.shape[0],):
             raise ValueError(f"{name} must have shape ({p1.shape[0]},), got {tuple(lengths.shape)}")
+    if p1.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"p1 must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {p1.device}")
 
 
 def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None):

@@ -1,0 +1,307 @@
+"""Tests of the Triton KNN kernels (`protodepth.geometry.knn_triton`).
+
+Two groups:
+- interpreter tests: the real kernels run on CPU tensors under TRITON_INTERPRET=1. That variable must be set before
+  triton is first imported, and other tests of this pytest process import torch/triton first, so the checks run in
+  one subprocess whose JSON report the tests below read. A broken kernel fails CI this way, not only on a GPU.
+- CUDA tests (marked `cuda`, skipped without a GPU): larger random inputs, half inputs, gradients, determinism.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable on this machine")
+needs_cuda = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
+
+
+def dense_knn_reference(p1, p2, lengths1, lengths2, K, norm=2):
+    """Exact float64 KNN with PyTorch3D padding: (dists (N, P1, K) float64, idx (N, P1, K) int64).
+
+    Ties go to the lower index (stable sort), like the kernel.
+    """
+    a, b = p1.double(), p2.double()
+    diff = a[:, :, None, :] - b[:, None, :, :]
+    d = (diff * diff).sum(-1) if norm == 2 else diff.abs().sum(-1)
+    N, P1, P2 = d.shape
+    dev = d.device
+    d = torch.where(torch.arange(P2, device=dev)[None, None, :] < lengths2[:, None, None], d, float("inf"))
+    sd, si = torch.sort(d, dim=2, stable=True)
+    if K > P2:
+        sd = torch.cat([sd, torch.full((N, P1, K - P2), float("inf"), dtype=sd.dtype, device=dev)], 2)
+        si = torch.cat([si, torch.zeros((N, P1, K - P2), dtype=si.dtype, device=dev)], 2)
+    sd, si = sd[:, :, :K], si[:, :, :K]
+    valid = (torch.arange(P1, device=dev)[None, :, None] < lengths1[:, None, None]) & (
+        torch.arange(K, device=dev)[None, None, :] < lengths2[:, None, None]
+    )
+    return sd.masked_fill(~valid, 0.0), si.masked_fill(~valid, 0)
+
+
+def reference_grads(p1, p2, lengths1, lengths2, idx, weight, norm=2):
+    """Gradients of sum(weight * D(p1, p2[idx])) through plain autograd, float64: (grad_p1, grad_p2)."""
+    a = p1.detach().double().requires_grad_()
+    b = p2.detach().double().requires_grad_()
+    N, P1, K = idx.shape
+    nb = torch.gather(b[:, None].expand(-1, P1, -1, -1), 2, idx[..., None].expand(-1, -1, -1, b.shape[2]))
+    diff = a[:, :, None] - nb
+    d = (diff * diff).sum(-1) if norm == 2 else diff.abs().sum(-1)
+    dev = a.device
+    valid = (torch.arange(P1, device=dev)[None, :, None] < lengths1[:, None, None]) & (
+        torch.arange(K, device=dev)[None, None, :] < lengths2[:, None, None]
+    )
+    (torch.where(valid, d, 0.0) * weight.double()).sum().backward()
+    return a.grad, b.grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# interpreter tests (CPU, CI)
+
+_INTERP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    from protodepth.geometry.knn_triton import knn_points_triton
+    from test_knn_triton import dense_knn_reference, reference_grads
+
+    torch.manual_seed(0)
+    out = {}
+    t0 = time.time()
+    l1 = torch.tensor([37, 20]); l2 = torch.tensor([53, 4])
+    for dtype in (torch.float32, torch.bfloat16):
+        for D in ((2, 3) if dtype == torch.float32 else (3,)):
+            for K in (1, 3, 5):
+                for splits in ((1, 3) if dtype == torch.float32 else (1,)):
+                    p1 = torch.randn(2, 37, D).to(dtype); p2 = torch.randn(2, 53, D).to(dtype)
+                    d, i = knn_points_triton(p1, p2, l1, l2, K=K, splits=splits)
+                    rd, ri = dense_knn_reference(p1, p2, l1, l2, K)
+                    out[f"fwd/{str(dtype)[6:]}/D{D}/K{K}/S{splits}"] = dict(
+                        dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
+                        max_abs=float((d.double() - rd).abs().max()),
+                        max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-6)).max()))
+    # K far above lengths2 and P2, norm 1, fp16, an empty candidate cloud
+    p1 = torch.randn(3, 21, 3); p2 = torch.randn(3, 9, 3)
+    a1 = torch.tensor([21, 0, 7]); a2 = torch.tensor([9, 5, 0])
+    for K in (12, 33):
+        for norm in (1, 2):
+            d, i = knn_points_triton(p1, p2, a1, a2, K=K, norm=norm)
+            rd, ri = dense_knn_reference(p1, p2, a1, a2, K, norm)
+            out[f"pad/K{K}/n{norm}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
+                                           max_abs=float((d.double() - rd).abs().max()), max_rel=0.0)
+    d, i = knn_points_triton(p1.half(), p2.half(), a1, a2, K=3)
+    rd, ri = dense_knn_reference(p1.half(), p2.half(), a1, a2, 3)
+    out["fwd/float16/D3/K3"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
+                                    max_abs=float((d.double() - rd).abs().max()),
+                                    max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-6)).max()))
+    # exact ties: duplicated candidates must resolve to the lower index
+    q = torch.randn(1, 8, 3); c = torch.randn(1, 6, 3); c = torch.cat([c, c], 1)
+    ln = lambda n: torch.tensor([n])
+    d, i = knn_points_triton(q, c, ln(8), ln(12), K=4, splits=2)
+    rd, ri = dense_knn_reference(q, c, ln(8), ln(12), 4)
+    out["ties"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
+                       max_abs=float((d.double() - rd).abs().max()), max_rel=0.0)
+    # backward against autograd of the chosen pairs, float32 and bf16, twice for determinism
+    for dtype, norm, K in ((torch.float32, 2, 1), (torch.float32, 2, 3), (torch.float32, 1, 5), (torch.bfloat16, 2, 3)):
+        if True:
+            p1 = torch.randn(2, 37, 3).to(dtype); p2 = (0.3 * torch.randn(2, 11, 3)).to(dtype)
+            grads = []
+            for _ in range(2):
+                a = p1.clone().requires_grad_(); b = p2.clone().requires_grad_()
+                d, i = knn_points_triton(a, b, l1, torch.tensor([11, 4]), K=K, norm=norm)
+                w = torch.linspace(-1, 2, d.numel()).reshape(d.shape)
+                (d * w).sum().backward()
+                grads.append((a.grad.clone(), b.grad.clone()))
+            r1, r2 = reference_grads(p1, p2, l1, torch.tensor([11, 4]), i, w, norm)
+            g1, g2 = grads[0]
+            out[f"bwd/{str(dtype)[6:]}/n{norm}/K{K}"] = dict(
+                grad_dtype=str(g1.dtype),
+                rel1=float((g1.double() - r1).norm() / r1.norm()), rel2=float((g2.double() - r2).norm() / r2.norm()),
+                identical=bool(torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])))
+    out["seconds"] = time.time() - t0
+    print("seconds", out["seconds"], file=sys.stderr)
+    print("JSON" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def interp_report():
+    if not HAVE_TRITON:
+        pytest.skip("triton is not importable on this machine")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERP_SCRIPT, str(REPO), str(REPO / "tests")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1]
+    return json.loads(line[4:])
+
+
+@needs_triton
+def test_interpreter_forward_matches_dense_reference(interp_report):
+    fwd = {k: v for k, v in interp_report.items() if k.startswith(("fwd/", "pad/", "ties"))}
+    assert len(fwd) >= 20
+    for name, r in fwd.items():
+        assert r["dtype"] == "torch.float32", name  # half inputs return fp32 distances
+        assert r["idx_equal"], f"{name}: indices differ from the dense reference"
+        # fp32 direct form vs float64 reference on the same (possibly half-rounded) inputs
+        assert r["max_abs"] < 1e-5, f"{name}: {r}"
+        assert r["max_rel"] < 1e-5, f"{name}: {r}"
+
+
+@needs_triton
+def test_interpreter_backward_matches_autograd_and_is_deterministic(interp_report):
+    bwd = {k: v for k, v in interp_report.items() if k.startswith("bwd/")}
+    assert len(bwd) == 4
+    for name, r in bwd.items():
+        tol = 1e-6 if "float32" in name else 1e-2  # bf16 gradients are rounded to bf16 on the way out
+        assert r["rel1"] < tol and r["rel2"] < tol, f"{name}: {r}"
+        assert r["identical"], f"{name}: two backward runs differ"
+        assert r["grad_dtype"] == ("torch.float32" if "float32" in name else "torch.bfloat16")
+
+
+@needs_triton
+def test_bad_inputs_raise_value_error():
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    p = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="p1"):
+        knn_points_triton(torch.randn(5, 3), p)
+    with pytest.raises(ValueError, match="agree"):
+        knn_points_triton(p, torch.randn(2, 5, 2))
+    with pytest.raises(ValueError, match="K"):
+        knn_points_triton(p, p, K=0)
+    with pytest.raises(ValueError, match="norm"):
+        knn_points_triton(p, p, norm=3)
+    with pytest.raises(ValueError, match="lengths1"):
+        knn_points_triton(p, p, torch.tensor([5]), torch.tensor([5, 5]))
+    with pytest.raises(ValueError, match="dtype"):
+        knn_points_triton(p.int(), p.int())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA tests
+
+def _random_case(N, P1, P2, D, dtype, seed, full=False):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    p1 = torch.randn(N, P1, D, generator=g).to("cuda", dtype)
+    p2 = torch.randn(N, P2, D, generator=g).to("cuda", dtype)
+    if full:
+        l1 = torch.full((N,), P1, dtype=torch.int64)
+        l2 = torch.full((N,), P2, dtype=torch.int64)
+    else:
+        l1 = torch.randint(1, P1 + 1, (N,), generator=g)
+        l2 = torch.randint(1, P2 + 1, (N,), generator=g)
+        l1[0], l2[0] = P1, P2
+    return p1, p2, l1.cuda(), l2.cuda()
+
+
+def _assert_knn_close(d, i, p1, p2, l1, l2, K, norm=2, rel=1e-5):
+    rd, ri = dense_knn_reference(p1, p2, l1, l2, K, norm)
+    assert d.dtype == (torch.float64 if p1.dtype == torch.float64 else torch.float32)
+    assert torch.allclose(d.double(), rd, rtol=rel, atol=1e-6), (d.double() - rd).abs().max()
+    # indices: equal except for ties; where they differ, the chosen point must be exactly as near as the reference's
+    mism = i != ri
+    if mism.any():
+        N, P1, _ = i.shape
+        nb = torch.gather(p2.double()[:, None].expand(-1, P1, -1, -1), 2, i[..., None].expand(-1, -1, -1, p2.shape[2]))
+        diff = p1.double()[:, :, None] - nb
+        di = (diff * diff).sum(-1) if norm == 2 else diff.abs().sum(-1)
+        assert torch.allclose(di[mism], rd[mism], rtol=rel, atol=1e-6), "index mismatch that is not a tie"
+        assert mism.float().mean() < 1e-3, f"{int(mism.sum())} index mismatches"
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("K", [1, 3, 8, 32, 70])
+@pytest.mark.parametrize("D", [3, 2, 5])
+def test_cuda_forward_random_with_lengths(K, D):
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    p1, p2, l1, l2 = _random_case(4, 300, 500, D, torch.float32, seed=K * 10 + D)
+    l2[1] = min(K // 2 + 1, 500)  # K > lengths2 in one cloud
+    for splits in (None, 1, 3):
+        d, i = knn_points_triton(p1, p2, l1, l2, K=K, splits=splits)
+        _assert_knn_close(d, i, p1, p2, l1, l2, K)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("norm", [1, 2])
+def test_cuda_half_and_double_inputs(dtype, norm):
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    p1, p2, l1, l2 = _random_case(3, 700, 900, 3, dtype, seed=7 + norm)
+    for K in (1, 3, 16):
+        d, i = knn_points_triton(p1, p2, l1, l2, K=K, norm=norm)
+        _assert_knn_close(d, i, p1, p2, l1, l2, K, norm)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_large_split_path_matches_reference():
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    p1, p2, l1, l2 = _random_case(1, 2000, 6400, 3, torch.float32, seed=3, full=True)
+    for K in (1, 3):
+        d, i = knn_points_triton(p1, p2, l1, l2, K=K)
+        _assert_knn_close(d, i, p1, p2, l1, l2, K)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm,K", [(2, 1), (2, 3), (1, 4), (2, 20)])
+def test_cuda_gradients_match_autograd(dtype, norm, K):
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    p1, p2, l1, l2 = _random_case(3, 400, 150, 3, dtype, seed=11 * K + norm)
+    a = p1.clone().requires_grad_()
+    b = p2.clone().requires_grad_()
+    d, i = knn_points_triton(a, b, l1, l2, K=K, norm=norm)
+    w = torch.randn(d.shape, generator=torch.Generator().manual_seed(5)).cuda()
+    (d * w).sum().backward()
+    r1, r2 = reference_grads(p1, p2, l1, l2, i, w, norm)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    assert (a.grad.double() - r1).norm() / r1.norm() < tol
+    assert (b.grad.double() - r2).norm() / r2.norm() < tol
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_gradients_bit_identical_across_runs():
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    # many queries per candidate: the scatter into grad_p2 collides heavily, where atomics would reorder sums
+    p1, p2, l1, l2 = _random_case(4, 20000, 300, 3, torch.float32, seed=1, full=True)
+    w = torch.randn(4, 20000, 3, device="cuda")
+    grads = []
+    for _ in range(3):
+        a = p1.clone().requires_grad_()
+        b = p2.clone().requires_grad_()
+        d, _ = knn_points_triton(a, b, l1, l2, K=3)
+        (d * w).sum().backward()
+        grads.append((a.grad, b.grad))
+    for g1, g2 in grads[1:]:
+        assert torch.equal(g1, grads[0][0]) and torch.equal(g2, grads[0][1])

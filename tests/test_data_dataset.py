@@ -170,3 +170,13 @@ def test_cache_config_mismatch_and_missing(tmp_path):
         f.truncate(100)
     with pytest.raises(ValueError, match="points.bin"):
         open_cache(small_cfg(root, source="synthia", format="cache", cache_dir=cache_dir), root)
+
+
+def test_render_window_is_conservative(monkeypatch):
+    """Ray-casting each object only inside its bounding ball's image window changes no pixel."""
+    import protodepth.data.synthetic as syn
+    fast = [syn.render_scene(np.random.default_rng([0, i]), 60, 80, 35.3) for i in range(6)]
+    monkeypatch.setattr(syn, "_pixel_window", lambda c, r, h, w, f: (slice(0, h), slice(0, w)))
+    for i, got in enumerate(fast):
+        want = syn.render_scene(np.random.default_rng([0, i]), 60, 80, 35.3)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)

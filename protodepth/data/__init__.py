@@ -3,7 +3,7 @@
 Entry points: `DataConfig` (all options), `build_datasets(cfg, seed) -> (train, val)`, `collate_depth`.
 See docs/data.md for the options and formats.
 """
-from protodepth.data.cache import CachedDepthDataset, DepthCache, build_cache, open_cache
+from protodepth.data.cache import CachedDepthDataset, DepthCache, build_cache, open_cache, prepare_cache
 from protodepth.data.config import DataConfig
 from protodepth.data.dataset import DepthDataset, PngDepthDataset, build_datasets, collate_depth, split_indices
 from protodepth.data.synthetic import ensure_synthetic, generate_synthetic, render_scene
@@ -12,7 +12,7 @@ from protodepth.data.synthia import (BadFrameError, backproject, decode_depth_rg
 
 __all__ = [
     "DataConfig", "build_datasets", "collate_depth", "DepthDataset", "PngDepthDataset", "CachedDepthDataset",
-    "DepthCache", "build_cache", "open_cache", "split_indices", "ensure_synthetic", "generate_synthetic",
+    "DepthCache", "build_cache", "open_cache", "prepare_cache", "split_indices", "ensure_synthetic", "generate_synthetic",
     "render_scene", "BadFrameError", "backproject", "decode_depth_rgb", "encode_depth_rgb", "list_frames",
     "process_depth", "read_depth_png", "write_depth_png",
 ]

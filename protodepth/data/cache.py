@@ -36,6 +36,10 @@ MANIFEST = "manifest.json"
 
 # ------------------------------------------------------------------------------------------------ building
 
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one frame per process already fills the cores; more threads only contend
+
+
 def _process_one(args):
     cfg, fr = args
     try:
@@ -58,7 +62,7 @@ def build_cache(cfg: DataConfig, root: str, out_dir: str, workers: int = 0, prog
     os.makedirs(tmp)
     dtype = np.dtype(cfg.cache_dtype)
     kept, offsets, skipped, total = [], [], [], 0
-    pool = mp.get_context("fork").Pool(workers) if workers > 0 else None
+    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 0 else None
     try:
         jobs = ((cfg, fr) for fr in frames)
         results = pool.imap(_process_one, jobs, chunksize=4) if pool else map(_process_one, jobs)
@@ -220,5 +224,21 @@ def open_cache(cfg: DataConfig, root: str, progress: bool = True) -> DepthCache:
     return DepthCache(cache_dir, cfg)
 
 
-__all__ = ["build_cache", "open_cache", "DepthCache", "CachedDepthDataset", "read_manifest", "check_manifest",
+def prepare_cache(cfg: DataConfig, workers: int = 0, progress: bool = True) -> tuple[str, dict]:
+    """Build the preprocessed form for `cfg` (what scripts/prepare_data.py runs), replacing any old one at
+    `cfg.resolved_cache_dir()`; for the synthetic source the scenes are generated first if needed.
+    Returns (cache folder, manifest)."""
+    if cfg.source == "synthetic":
+        from protodepth.data.synthetic import ensure_synthetic
+        root = ensure_synthetic(cfg, progress=progress)
+        meta = read_meta(root)
+    else:
+        root, meta = cfg.resolved_root(), None
+    cache_dir = cfg.resolved_cache_dir()
+    with folder_lock(cache_dir):
+        manifest = build_cache(cfg, root, cache_dir, workers=workers, progress=progress, source_meta=meta)
+    return cache_dir, manifest
+
+
+__all__ = ["prepare_cache", "build_cache", "open_cache", "DepthCache", "CachedDepthDataset", "read_manifest", "check_manifest",
            "Frame"]

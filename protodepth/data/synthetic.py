@@ -110,16 +110,32 @@ def _hit_cylinder(dirs, center, rot, radius, half_height):
     return best
 
 
+def _pixel_window(center: np.ndarray, radius: float, height: int, width: int, focal: float):
+    """Conservative (row, column) slices of the pixels whose rays can meet a ball (center (3,), radius);
+    the whole image when the ball reaches the camera plane."""
+    dmin, dmax = -center[2] - radius, -center[2] + radius
+    if dmin <= 0.05:
+        return slice(0, height), slice(0, width)
+    xs = [(center[0] + sx * radius) / d for sx in (-1, 1) for d in (dmin, dmax)]
+    ys = [(center[1] + sy * radius) / d for sy in (-1, 1) for d in (dmin, dmax)]
+    u0, u1 = width / 2 + focal * min(xs), width / 2 + focal * max(xs)
+    v0, v1 = height / 2 - focal * max(ys), height / 2 - focal * min(ys)
+    rows = slice(int(np.clip(np.floor(v0) - 1, 0, height)), int(np.clip(np.ceil(v1) + 2, 0, height)))
+    cols = slice(int(np.clip(np.floor(u0) - 1, 0, width)), int(np.clip(np.ceil(u1) + 2, 0, width)))
+    return rows, cols
+
+
 def render_scene(rng: np.random.Generator, height: int, width: int, focal: float) -> np.ndarray:
     """Ray-cast one random scene -> depth (H, W) float64 metres, +inf where a ray meets nothing (sky).
 
     The camera stands 1.2-2.0 m above a slightly tilted ground plane that ends 50-90 m ahead; 4-12 objects
-    (boxes, spheres, capped cylinders) stand on it or float, 4-60 m in front of the camera, inside the view."""
-    dirs = camera_rays(height, width, focal)
+    (boxes, spheres, capped cylinders) stand on it or float, 4-60 m in front of the camera, inside the view.
+    Each object is only ray-cast in the image window of its bounding ball, which makes large frames cheap."""
+    grid = camera_rays(height, width, focal).reshape(height, width, 3)
     cam_h = rng.uniform(1.2, 2.0)
     ground_rot = _rot_x(np.deg2rad(rng.uniform(-4, 4))) @ _rot_z(np.deg2rad(rng.uniform(-3, 3)))
     up = ground_rot @ np.array([0.0, 1.0, 0.0])
-    depth = _hit_plane(dirs, up, -cam_h, rng.uniform(50.0, 90.0))
+    depth = _hit_plane(grid.reshape(-1, 3), up, -cam_h, rng.uniform(50.0, 90.0)).reshape(height, width)
     tan_half = width / 2.0 / focal
     for _ in range(int(rng.integers(4, 13))):
         zc = 4.0 + 56.0 * rng.random() ** 1.5  # 4-60 m, denser near the camera where objects look bigger
@@ -135,17 +151,23 @@ def render_scene(rng: np.random.Generator, height: int, width: int, focal: float
         lift = rng.uniform(0.5, 3.0) if tumble else 0.0
         if kind == 0:
             half = np.array([rng.uniform(0.3, 2.5), rng.uniform(0.3, 2.0), rng.uniform(0.3, 2.5)])
-            extent = np.linalg.norm(half) if tumble else half[1]
-            hit = _hit_box(dirs, base + up * (extent + lift), rot, half)
+            center = base + up * ((np.linalg.norm(half) if tumble else half[1]) + lift)
+            bound = float(np.linalg.norm(half))
+            hit = lambda dirs: _hit_box(dirs, center, rot, half)  # noqa: E731
         elif kind == 1:
             r = rng.uniform(0.3, 2.0)
-            hit = _hit_sphere(dirs, base + up * (r + lift), r)
+            center, bound = base + up * (r + lift), r
+            hit = lambda dirs: _hit_sphere(dirs, center, r)  # noqa: E731
         else:
             r, hh = rng.uniform(0.15, 1.0), rng.uniform(0.5, 3.0)
-            extent = np.hypot(r, hh) if tumble else hh
-            hit = _hit_cylinder(dirs, base + up * (extent + lift), rot, r, hh)
-        depth = np.minimum(depth, hit)
-    return depth.reshape(height, width)
+            bound = float(np.hypot(r, hh))
+            center = base + up * ((bound if tumble else hh) + lift)
+            hit = lambda dirs: _hit_cylinder(dirs, center, rot, r, hh)  # noqa: E731
+        rows, cols = _pixel_window(center, bound, height, width, focal)
+        win = grid[rows, cols]
+        if win.size:
+            depth[rows, cols] = np.minimum(depth[rows, cols], hit(win.reshape(-1, 3)).reshape(win.shape[:2]))
+    return depth
 
 
 # ------------------------------------------------------------------------------------------------ folders

@@ -60,7 +60,10 @@ def reference_grads(p1, p2, lengths1, lengths2, idx, weight, norm=2):
     N, P1, K = idx.shape
     nb = torch.gather(b[:, None].expand(-1, P1, -1, -1), 2, idx[..., None].expand(-1, -1, -1, b.shape[2]))
     diff = a[:, :, None] - nb
-    d = (diff * diff).sum(-1) if norm == 2 else diff.abs().sum(-1)
+    if norm == 2:
+        d = (diff * diff).sum(-1)
+    else:  # PyTorch3D's subgradient of |x| (+1 where x > 0, else -1), which knn.py and the kernel follow
+        d = (diff * torch.where(diff > 0, 1.0, -1.0).to(diff.dtype)).sum(-1)
     dev = a.device
     valid = (torch.arange(P1, device=dev)[None, :, None] < lengths1[:, None, None]) & (
         torch.arange(K, device=dev)[None, None, :] < lengths2[:, None, None]

@@ -179,7 +179,8 @@ if triton is not None:
             if NORM == 2:
                 contrib = 2.0 * gv[:, None] * diff
             else:
-                sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(ACC)
+                # PyTorch3D's subgradient of |x|: +1 where x > 0, else -1 (also at 0), as knn.py's torch path
+                sgn = tl.where(diff > 0, 1.0, -1.0).to(ACC)
                 contrib = gv[:, None] * sgn
             acc -= tl.where(live[:, None], contrib, 0.0)
         tl.store(out_ptr + j[:, None].to(tl.int64) * D + dd[None, :], acc,
@@ -205,7 +206,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.device, block_q=None, block_c=None,
-                    splits=None):
+                    splits=None, num_warps=None):
     """Tile sizes, warps and the number of candidate splits for one call (heuristics measured on an H100)."""
     bq = block_q or (64 if K <= 4 else 32)
     bc = block_c or (128 if K <= 4 else 64)
@@ -221,7 +222,7 @@ def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.devi
     splits = max(1, min(int(splits), triton.cdiv(max(P2, 1), bc)))
     chunk = triton.cdiv(triton.cdiv(max(P2, 1), splits), bc) * bc
     splits = triton.cdiv(max(P2, 1), chunk)
-    num_warps = 4 if bq * bc >= 4096 else 2
+    num_warps = num_warps or (4 if bq * bc >= 4096 else 2)
     return bq, bc, splits, chunk, num_warps
 
 
@@ -235,12 +236,12 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
     if p1.shape[0] != p2.shape[0] or p1.shape[2] != p2.shape[2]:
         raise ValueError(f"p1 {tuple(p1.shape)} and p2 {tuple(p2.shape)} must agree in N and D")
     if not 1 <= p1.shape[2] <= MAX_D:
-        raise ValueError(f"point dimension D must be in [1, {MAX_D}] for the Triton path, got {p1.shape[2]}")
+        raise ValueError(f"p1: point dimension D must be in [1, {MAX_D}] for the Triton kernel, got {p1.shape[2]}")
     if p1.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or p2.dtype != p1.dtype:
         raise ValueError(f"p1 and p2 must share a float dtype (fp32/fp16/bf16/fp64), got {p1.dtype}, {p2.dtype}")
     if p1.device != p2.device:
         raise ValueError(f"p1 and p2 must be on one device, got {p1.device} and {p2.device}")
-    if not isinstance(K, int) or not 1 <= K <= MAX_K:
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= MAX_K:
         raise ValueError(f"K must be an int in [1, {MAX_K}] for the Triton path, got {K!r}")
     if norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
@@ -251,7 +252,7 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
         raise ValueError(f"p1 must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {p1.device}")
 
 
-def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None):
+def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None, num_warps=None):
     """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding."""
     N, P1, D = p1.shape
     P2 = p2.shape[1]
@@ -263,7 +264,7 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     p2c = p2.detach().contiguous()
     l1 = lengths1.to(device=dev, dtype=torch.int64).contiguous()
     l2 = lengths2.to(device=dev, dtype=torch.int64).contiguous()
-    bq, bc, S, chunk, warps = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits)
+    bq, bc, S, chunk, warps = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps)
     dists = torch.empty(S, N, P1, K, dtype=out_dtype, device=dev)
     idx = torch.empty(S, N, P1, K, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(P1, bq), N, S)
@@ -310,7 +311,7 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm):
     else:
         nb = torch.zeros(N, P1, K, D, dtype=acc, device=dev)
     diff = p1a[:, :, None, :] - nb
-    contrib = 2.0 * diff if norm == 2 else torch.sign(diff)
+    contrib = 2.0 * diff if norm == 2 else torch.where(diff > 0, 1.0, -1.0).to(acc)
     grad_p1 = (g[..., None] * contrib).sum(2)
 
     grad_p2 = torch.zeros(N * P2, D, dtype=acc, device=dev)
@@ -332,8 +333,8 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm):
 
 class _KnnPointsTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p1, p2, lengths1, lengths2, K, norm, block_q, block_c, splits):
-        dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q, block_c, splits)
+    def forward(ctx, p1, p2, lengths1, lengths2, K, norm, tiling):
+        dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, *tiling)
         ctx.save_for_backward(p1, p2, lengths1, lengths2, idx)
         ctx.norm = norm
         ctx.mark_non_differentiable(idx)
@@ -343,9 +344,9 @@ class _KnnPointsTriton(torch.autograd.Function):
     def backward(ctx, grad_dists, grad_idx):
         p1, p2, lengths1, lengths2, idx = ctx.saved_tensors
         if grad_dists is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return (None,) * 9
+            return (None,) * 7
         g1, g2 = _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, ctx.norm)
-        return (g1 if ctx.needs_input_grad[0] else None, g2 if ctx.needs_input_grad[1] else None) + (None,) * 7
+        return (g1 if ctx.needs_input_grad[0] else None, g2 if ctx.needs_input_grad[1] else None) + (None,) * 5
 
 
 def knn_points_triton(
@@ -360,19 +361,20 @@ def knn_points_triton(
     block_q: int | None = None,
     block_c: int | None = None,
     splits: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K nearest neighbours in p2 of every point of p1, on the GPU, without a distance matrix.
 
     Args:
-        p1: (N, P1, D) queries, D <= 16, fp32/fp16/bf16/fp64, CUDA (CPU only under TRITON_INTERPRET=1).
+        p1: (N, P1, D) queries, fp32/fp16/bf16/fp64, CUDA (CPU only under TRITON_INTERPRET=1).
         p2: (N, P2, D) candidates, same dtype and device.
         lengths1: (N,) int64 valid queries per cloud (None: all P1); values are clamped to [0, P1].
         lengths2: (N,) int64 valid candidates per cloud (None: all P2); clamped to [0, P2].
-        K: neighbours per query, 1 <= K <= 128.
+        K: neighbours per query >= 1; K > 128 or D > 16 go to knn.py's blocked torch path.
         norm: 2 for squared Euclidean distances, 1 for L1.
         return_sorted: accepted for API parity; results are always ascending in (dist, idx), which is also a valid
             answer when unsorted output is requested.
-        block_q, block_c, splits: tiling overrides for tests and benchmarks (None: heuristics).
+        block_q, block_c, splits, num_warps: tiling overrides for tests and benchmarks (None: heuristics).
 
     Returns:
         dists: (N, P1, K) float32 (float64 for fp64 inputs; fp16/bf16 inputs are accumulated and returned in fp32),
@@ -387,6 +389,11 @@ def knn_points_triton(
         lengths2 = torch.full((N,), p2.shape[1], dtype=torch.int64, device=p1.device)
     if lengths1 is None or lengths2 is None:
         _check_inputs(p1, p2, torch.empty(0), torch.empty(0), K, norm)
+    too_big = isinstance(K, int) and not isinstance(K, bool) and K > MAX_K
+    if isinstance(p1, torch.Tensor) and p1.dim() == 3 and (too_big or p1.shape[2] > MAX_D):
+        # beyond the register budget of one program: the blocked torch path gives the same answer
+        from .knn import _knn_points_torch
+
+        return _knn_points_torch(p1, p2, lengths1, lengths2, K, norm, return_sorted)
     _check_inputs(p1, p2, lengths1, lengths2, K, norm)
-    del return_sorted
-    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, block_q, block_c, splits)
+    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, (block_q, block_c, splits, num_warps))

@@ -1,0 +1,135 @@
+"""KNN benchmark: `python scripts/benchmark.py knn [--dtypes fp32 bf16] [--shapes ...] [--no-torch] [--out FILE]`.
+
+Times `knn_points_triton` and the blocked PyTorch fallback (`knn._knn_points_torch`) in the same run, forward and
+forward+backward (gradients of dists.sum() w.r.t. both clouds), as the median of `triton.testing.do_bench` repeats
+(CUDA events, L2 flushed between repeats), on random normal clouds. Prints a markdown table beside PyTorch3D's
+anchors (`knn_points`, float32, one H100, from the original system's measurements) and, with --out, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+# name -> (N, P1, P2, K, PyTorch3D fwd ms, PyTorch3D fwd+bwd ms) measured on one H100 (original-system.md)
+SHAPES = {
+    "1x10000x6400": (1, 10000, 6400, 1, 0.82, 0.89),
+    "64x200x10000": (64, 200, 10000, 1, 1.24, 1.40),
+    "8x50000x16000": (8, 50000, 16000, 1, 13.5, 13.5),
+    "32x20000x16000": (32, 20000, 16000, 1, 19.5, 20.0),
+    "32x20000x3200-K3": (32, 20000, 3200, 3, None, None),  # global loss: targets -> predictions, k = 3
+    "32x3200x20000": (32, 3200, 20000, 1, None, None),  # the other Chamfer direction: predictions -> targets
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bench(fn, rep_ms: float) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=max(10.0, rep_ms / 4), rep=rep_ms, return_mode="median"))
+
+
+def time_one(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0, fwd_only=False):
+    """Median ms of forward and of forward+backward for impl(p1, p2, lengths1, lengths2, K, norm, sorted)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    p1 = torch.randn(N, P1, 3, device="cuda", generator=g).to(dtype)
+    p2 = torch.randn(N, P2, 3, device="cuda", generator=g).to(dtype)
+    l1 = torch.full((N,), P1, dtype=torch.int64, device="cuda")
+    l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
+
+    def fwd():
+        impl(p1, p2, l1, l2, K, 2, True)
+
+    a = p1.clone().requires_grad_()
+    b = p2.clone().requires_grad_()
+
+    def fwd_bwd():
+        d, _ = impl(a, b, l1, l2, K, 2, True)
+        torch.autograd.grad(d.sum(), (a, b))
+
+    with torch.no_grad():
+        t_fwd = _bench(fwd, rep_ms)
+    if fwd_only:
+        return t_fwd, None
+    t_fb = _bench(fwd_bwd, rep_ms)
+    return t_fwd, t_fb
+
+
+SWEEP = [(64, 128, 4, None), (64, 64, 4, None), (128, 64, 4, None), (128, 128, 8, None), (32, 128, 4, None),
+         (64, 256, 8, None), (128, 32, 4, None), (32, 64, 2, None), (64, 128, 4, 1), (64, 128, 4, 4)]
+
+
+def _sweep(args, knn_points_triton) -> int:
+    """Forward-only times of several tilings per shape and dtype: the data behind the heuristics."""
+    import functools
+
+    print("| shape | dtype | block_q | block_c | warps | splits | fwd ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.shapes:
+        N, P1, P2, K = SHAPES[name][:4]
+        for dt in args.dtypes:
+            for bq, bc, w, s in SWEEP:
+                impl = functools.partial(knn_points_triton, block_q=bq, block_c=bc, num_warps=w, splits=s)
+                try:
+                    t = time_one(impl, N, P1, P2, K, DTYPES[dt], args.rep_ms, fwd_only=True)[0]
+                except Exception as exc:  # a tiling may exceed registers/shared memory: report, go on
+                    t = f"failed: {type(exc).__name__}"
+                print(f"| {name} | {dt} | {bq} | {bc} | {w} | {s} | {t if isinstance(t, str) else f'{t:.4g}'} |",
+                      flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmark.py knn", description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch fallback (slow on large shapes)")
+    ap.add_argument("--rep-ms", type=float, default=200.0, help="do_bench repetition budget per measurement (ms)")
+    ap.add_argument("--sweep", action="store_true", help="time forward tilings (block_q, block_c, warps, splits)")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON to this file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmark.py knn: needs a CUDA GPU (none visible)", file=sys.stderr)
+        return 2
+    from protodepth.geometry.knn import _knn_points_torch
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    gpu = torch.cuda.get_device_name()
+    if args.sweep:
+        return _sweep(args, knn_points_triton)
+    rows = []
+    for name in args.shapes:
+        N, P1, P2, K, ref_f, ref_fb = SHAPES[name]
+        for dt in args.dtypes:
+            tri = time_one(knn_points_triton, N, P1, P2, K, DTYPES[dt], args.rep_ms)
+            tor = (None, None) if args.no_torch else time_one(_knn_points_torch, N, P1, P2, K, DTYPES[dt], args.rep_ms)
+            row = dict(shape=name, N=N, P1=P1, P2=P2, K=K, dtype=dt, triton_fwd=tri[0], triton_fwd_bwd=tri[1],
+                       torch_fwd=tor[0], torch_fwd_bwd=tor[1],
+                       pytorch3d_fwd=ref_f if dt == "fp32" else None,
+                       pytorch3d_fwd_bwd=ref_fb if dt == "fp32" else None)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+
+    def f(x, nd=3):
+        return "-" if x is None else f"{x:.{nd}g}"
+
+    print(f"\nGPU: {gpu}; torch {torch.__version__}; median ms of do_bench repeats (rep {args.rep_ms:g} ms)\n")
+    print("| shape (N x P1 x P2) | K | dtype | Triton fwd | Triton fwd+bwd | torch fwd | torch fwd+bwd "
+          "| PyTorch3D fwd / fwd+bwd (H100) | fwd vs PyTorch3D | fwd+bwd vs PyTorch3D |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        p3 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd']} / {r['pytorch3d_fwd_bwd']}"
+        s1 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd'] / r['triton_fwd']:.1f}x"
+        s2 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd_bwd'] / r['triton_fwd_bwd']:.1f}x"
+        print(f"| {r['shape'].split('-')[0]} | {r['K']} | {r['dtype']} | {f(r['triton_fwd'])} | "
+              f"{f(r['triton_fwd_bwd'])} | {f(r['torch_fwd'])} | {f(r['torch_fwd_bwd'])} | {p3} | {s1} | {s2} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(gpu=gpu, torch=torch.__version__, rep_ms=args.rep_ms, rows=rows), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -178,6 +178,10 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _accepts(tp: Any, want: type) -> bool:
+    return tp is want or want in typing.get_args(tp)
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of fields, got {type(values).__name__}")
@@ -192,7 +196,13 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{name}.")
             continue
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if _accepts(tp, float) and isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; take it as the number the user meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if _accepts(tp, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not _type_ok(value, tp):
             raise ConfigError(f"{name}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")

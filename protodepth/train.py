@@ -30,6 +30,10 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradients stopped being finite."""
 
 
+class DataSetupError(ValueError):
+    """The data named by the config can't be opened (missing folder, no frames, bad cache...)."""
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A permutation of range(n) that depends only on (seed, epoch).
 
@@ -155,7 +159,10 @@ def train(cfg: Config) -> dict:
 
     # ---- data: the main process generates the synthetic scenes (if needed) before the others read them
     with accelerator.main_process_first():
-        train_ds, val_ds = build_datasets(cfg.data, seed=t.seed)
+        try:
+            train_ds, val_ds = build_datasets(cfg.data, seed=t.seed)
+        except (ValueError, OSError) as e:  # the data layer names the file or field; keep its message
+            raise DataSetupError(str(e)) from e
     if len(train_ds) < t.batch_size * accelerator.num_processes:
         raise ConfigError(
             f"train.batch_size: {t.batch_size} per process x {accelerator.num_processes} processes needs at least "
@@ -291,7 +298,7 @@ def train(cfg: Config) -> dict:
                 accelerator.backward(res.total)
                 grad_norm = None
                 if accelerator.sync_gradients and not is_deepspeed:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
                 if accelerator.sync_gradients:
                     # one host sync per optimizer step: agree across ranks whether this step is finite
                     grad_bad = torch.zeros_like(nonfinite_local) if grad_norm is None else \

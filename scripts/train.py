@@ -33,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from protodepth.errors import USER_ERRORS
+    from protodepth.errors import USER_ERRORS, one_line
     from protodepth.config import load_config
 
     overrides = list(args.overrides)
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
             raise
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {e}", file=sys.stderr)
+        print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -39,6 +39,7 @@ def test_overrides_are_parsed_as_yaml_and_applied():
     assert cfg.train.max_steps == 7 and cfg.optim.betas == [0.8, 0.9] and cfg.train.resume == "latest"
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert parse_override("data.val_sequences=[SEQ1]") == ("data.val_sequences", ["SEQ1"])
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
 
 
 @pytest.mark.parametrize(

@@ -240,11 +240,18 @@ def train(cfg: Config) -> dict:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if is_main:
-            cfg.save(tmp / "config.yaml")  # a checkpoint is self-contained: scripts/infer.py needs only the folder
-            ckpt.commit(ckpt_root, step, t.ckpt_limit)
+        try:
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if is_main:
+                cfg.save(tmp / "config.yaml")  # a checkpoint is self-contained: scripts/infer.py needs only the folder
+                ckpt.commit(ckpt_root, step, t.ckpt_limit)
+        except OSError as e:  # disk full, folder removed, permissions: leave no partial checkpoint behind
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.CheckpointError(
+                f"could not write the checkpoint of step {step} to {tmp.parent} ({e.strerror or e}); "
+                f"the last complete checkpoint is {ckpt.checkpoint_dirs(ckpt_root)[-1:] or 'none'}") from e
         accelerator.wait_for_everyone()
 
     def validate() -> dict[str, float]:

@@ -84,6 +84,31 @@ class LossConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Progressive point sampling: few points early, all of them later (the original's own next step).
+
+    `loss.samples_per_slot` and the number of target points per image ramp from `samples_start` /
+    `targets_start` up to their full values over `steps` optimizer steps with the given shape.
+    shape "constant" (the default) turns it off: full values from the first step.
+    """
+
+    shape: str = "constant"  # "constant" | "linear" | "step" | "cosine"
+    steps: int = 0
+    samples_start: int = 50
+    targets_start: int = 2000  # target points per image at step 0 (a random subset of the cloud)
+    num_levels: int = 4  # plateaus of the "step" shape
+
+    def __post_init__(self) -> None:
+        _one_of(self.shape, "progressive.shape", ("constant", "linear", "step", "cosine"))
+        _check(self.steps >= 0, "progressive.steps", f"got {self.steps}, must be >= 0")
+        _check(self.samples_start >= 1, "progressive.samples_start", "must be >= 1")
+        _check(self.targets_start >= 1, "progressive.targets_start", "must be >= 1")
+        _check(self.num_levels >= 2, "progressive.num_levels", "must be >= 2")
+        _check(self.shape == "constant" or self.steps > 0, "progressive.steps",
+               f"must be > 0 for shape {self.shape!r} (the ramp's length in optimizer steps)")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -146,6 +171,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

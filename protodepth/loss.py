@@ -83,6 +83,26 @@ def prototype_regularisers(prototypes: torch.Tensor, faces: torch.Tensor, cfg: L
     }
 
 
+def subsample_targets(target: torch.Tensor, lengths: torch.Tensor, n: int,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniform random subset of at most n valid points per cloud: (B, N, 3), (B,) -> (B, min(n, N), 3), (B,).
+
+    Returns the inputs unchanged when every cloud already has <= n points."""
+    B, N, _ = target.shape
+    if n >= N:
+        return target, lengths
+    keys = torch.rand(B, N, device=target.device, generator=generator)
+    keys = keys.masked_fill(torch.arange(N, device=target.device)[None] >= lengths[:, None], 2.0)  # padding last
+    idx = keys.topk(n, dim=1, largest=False, sorted=False).indices  # (B, n)
+    new_len = lengths.clamp(max=n)
+    # put the valid picks first so the padding rule (valid prefix of length new_len) holds
+    valid_first = torch.gather(keys, 1, idx).argsort(dim=1)
+    idx = torch.gather(idx, 1, valid_first)
+    sub = torch.gather(target, 1, idx[..., None].expand(-1, -1, 3))
+    sub = sub * (torch.arange(n, device=target.device)[None, :, None] < new_len[:, None, None])
+    return sub, new_len
+
+
 def proto_depth_loss(
     slot_verts: torch.Tensor,
     prototypes: torch.Tensor,
@@ -92,10 +112,12 @@ def proto_depth_loss(
     cfg: LossConfig,
     samples_per_slot: int | None = None,
     generator: torch.Generator | None = None,
+    max_targets: int | None = None,
 ) -> LossOutput:
     """Total loss = w_chamfer * hybrid Chamfer + w_edge * edge + w_normal * normal + w_laplacian * laplacian.
 
     slot_verts (B, K, V, 3), prototypes (P, V, 3), faces (F, 3), target (B, N, 3), lengths (B,).
+    samples_per_slot / max_targets: progressive sampling (None: cfg.samples_per_slot / the whole cloud).
     """
     if target.shape[0] != slot_verts.shape[0]:
         raise ValueError(f"target: batch {target.shape[0]} does not match slot_verts batch {slot_verts.shape[0]}")
@@ -103,6 +125,8 @@ def proto_depth_loss(
         raise ValueError("lengths: every target cloud needs at least one point (an empty cloud has no Chamfer)")
     with torch.autocast(device_type=slot_verts.device.type, enabled=False):
         slot_verts, prototypes, target = slot_verts.float(), prototypes.float(), target.float()
+        if max_targets is not None:
+            target, lengths = subsample_targets(target, lengths, max_targets, generator)
         chamfer, terms, pred = hybrid_chamfer(slot_verts, faces, target, lengths, cfg, samples_per_slot, generator)
         reg = prototype_regularisers(prototypes, faces, cfg)
         total = (

@@ -224,7 +224,11 @@ def train(cfg: Config) -> dict:
         accelerator.init_trackers(t.wandb_project, config=tracker_cfg,
                                   init_kwargs={"wandb": {"dir": str(out), "name": t.run_name or out.name}})
 
-    samples_ramp = Ramp(cfg.loss.samples_per_slot, cfg.loss.samples_per_slot)  # progressive sampling: issue 7
+    pg = cfg.progressive  # few points early, all later: the ramps are functions of the optimizer step
+    samples_ramp = Ramp(min(pg.samples_start, cfg.loss.samples_per_slot), cfg.loss.samples_per_slot, pg.steps,
+                        pg.shape, pg.num_levels)
+    full_targets = cfg.data.num_bins * cfg.data.points_per_bin  # the largest cloud the data can give
+    targets_ramp = Ramp(min(pg.targets_start, full_targets), full_targets, pg.steps, pg.shape, pg.num_levels)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     world = accelerator.num_processes
     global_batch = t.batch_size * world * t.grad_accum
@@ -299,8 +303,10 @@ def train(cfg: Config) -> dict:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     scene = model(batch["image"])  # slot_verts (B, K, V, 3) fp32, prototypes (P, V, 3)
+                n_targets = targets_ramp(state.step)
                 res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, batch["cloud"], batch["lengths"],
-                                       cfg.loss, samples_per_slot=samples_ramp(state.step))
+                                       cfg.loss, samples_per_slot=samples_ramp(state.step),
+                                       max_targets=n_targets if n_targets < full_targets else None)
                 nonfinite_local += (~torch.isfinite(res.total.detach())).float()
                 accelerator.backward(res.total)
                 grad_norm = None
@@ -344,7 +350,7 @@ def train(cfg: Config) -> dict:
                 steps_done = t.log_every if state.step % t.log_every == 0 else state.step % t.log_every
                 logs = {**last_terms, "lr": lr, "samples_per_s": (state.samples - samples_last) / (now - t_last),
                         "step_time_s": (now - t_last) / max(1, steps_done), "epoch": state.epoch,
-                        "samples_per_slot": samples_ramp(state.step)}
+                        "samples_per_slot": samples_ramp(state.step), "targets_per_image": targets_ramp(state.step)}
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
                 elif is_deepspeed and hasattr(model, "get_global_grad_norm") and model.get_global_grad_norm() is not None:

@@ -48,15 +48,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--paths", default="png,cache", help="which paths to measure: png, cache or both")
     p.add_argument("--seconds", type=float, default=4.0, help="steady-state time per measurement (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per cell; the median is reported")
+    p.add_argument("--pin-memory", choices=["auto", "yes", "no"], default="auto",
+                   help="DataLoader pin_memory; auto: when CUDA is available, as the trainer does")
     p.add_argument("--dir", default=None, help="where frames and cache go (default data_cache/bench-<frame size>)")
     return p.parse_args(argv)
 
 
-def measure(ds, workers: int, batch_size: int, seconds: float) -> tuple[float, float]:
+def measure(ds, workers: int, batch_size: int, seconds: float, pin: bool) -> tuple[float, float]:
     """(steady-state samples/s, seconds until the first batch) of one pass of a fresh DataLoader."""
     sampler = RandomSampler(ds, replacement=True, num_samples=10**9)
     dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_depth,
-                    persistent_workers=False, prefetch_factor=4 if workers else None)
+                    persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin)
     t0 = time.perf_counter()
     it = iter(dl)
     next(it)
@@ -77,6 +79,7 @@ def main(argv: list[str]) -> int:
     paths = [p.strip() for p in a.paths.split(",") if p.strip()]
     if not set(paths) <= {"png", "cache"}:
         raise SystemExit(f"--paths: expected png and/or cache, got {a.paths!r}")
+    pin = torch.cuda.is_available() if a.pin_memory == "auto" else a.pin_memory == "yes"
     fh, fw = a.frame_size
     base = a.dir or os.path.join("data_cache", f"bench-{fh}x{fw}")
     common = dict(source="synthetic", root=os.path.join(base, "frames"), height=a.input[0], width=a.input[1],
@@ -99,13 +102,13 @@ def main(argv: list[str]) -> int:
         pass
     print(f"\nCPU: {cpu}, {cpus} cores visible; torch {torch.__version__}; {a.frames} frames of {fh}x{fw} -> "
           f"{a.input[0]}x{a.input[1]} input, {a.num_bins} bins x {a.points_per_bin} points, batch {a.batch_size}, "
-          f"median of {a.repeats} x {a.seconds:g} s\n")
+          f"pin_memory {pin}, median of {a.repeats} x {a.seconds:g} s\n")
     rows = ["| path | workers | samples/s | first batch (s) |", "| --- | ---: | ---: | ---: |"]
     print("\n".join(rows), flush=True)
     for path in paths:
         ds, _ = build_datasets(cfgs[path], seed=0, progress=False)
         for w in workers:
-            runs = [measure(ds, w, a.batch_size, a.seconds) for _ in range(a.repeats)]
+            runs = [measure(ds, w, a.batch_size, a.seconds, pin) for _ in range(a.repeats)]
             rate = statistics.median(r[0] for r in runs)
             first = statistics.median(r[1] for r in runs)
             row = f"| {path} | {w} | {rate:,.0f} | {first:.2f} |"

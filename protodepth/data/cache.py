@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from protodepth.data.config import DataConfig
-from protodepth.data.dataset import DepthDataset, scan_frames
+from protodepth.data.dataset import DepthDataset, gray_to_rgb, scan_frames
 from protodepth.data.synthia import (BadFrameError, Frame, draw_indices, frame_key, list_frames, process_depth,
                                      read_depth_png, sample_rng)
 from protodepth.data.synthetic import folder_lock, read_meta, replace_folder
 
 CACHE_FORMAT = "protodepth-depth-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -198,7 +198,7 @@ class CachedDepthDataset(DepthDataset):
         off = self.cache.offsets[f]
         idx = draw_indices(np.diff(off), self.cfg.points_per_bin, sample_rng(self.seed, epoch, self.cache.keys[f]))
         cloud = torch.from_numpy(maps["points"][idx + off[0]])
-        image = torch.from_numpy(np.array(maps["images"][f], dtype=np.float32)).expand(3, -1, -1).contiguous()
+        image = gray_to_rgb(maps["images"][f])
         return {"image": image, "cloud": cloud, "path": self._describe(j)}
 
 

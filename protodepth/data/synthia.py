@@ -144,15 +144,25 @@ def frame_key(rel_path: str) -> int:
 @dataclass
 class ProcessedFrame:
     image: np.ndarray  # (1, H, W) float32 network input at its final size
-    points: np.ndarray  # (N, 3) float32, sorted by Z bin, raster order inside a bin
+    raster_points: np.ndarray  # (N0, 3) float64 every valid point, raster order
+    order: np.ndarray  # (N,) int64 indices into raster_points: sorted by Z bin, raster order inside a bin
     counts: np.ndarray  # (num_bins,) int64 points per bin; sum = N
+
+    @property
+    def points(self) -> np.ndarray:
+        """(N, 3) float32 candidate points sorted by Z bin (what the cache stores)."""
+        return self.raster_points[self.order].astype(np.float32)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """(M, 3) float32 rows `idx` (M,) of `points`, without building the whole sorted array."""
+        return self.raster_points[self.order[idx]].astype(np.float32)
 
 
 def network_input(depth: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Depth (H0, W0) metres -> network input (1, H, W) float32 = sqrt(clip(d / depth_scale, 0, 1)) resized
     bilinearly (antialiased) to cfg.height x cfg.width; with keep_aspect the frame is fitted inside without
     distortion, centred, and the border is zero."""
-    x = np.sqrt(np.clip(depth / cfg.depth_scale, 0.0, 1.0)).astype(np.float32)
+    x = np.sqrt(np.clip(depth / cfg.depth_scale, 0.0, 1.0), dtype=np.float32)
     t = torch.from_numpy(x)[None, None]
     h0, w0 = depth.shape
     if not cfg.keep_aspect:
@@ -181,7 +191,8 @@ def process_depth(depth: np.ndarray, cfg: DataConfig, rel_path: str, path: str |
                             f"{cfg.max_depth}); there is no point to fit; remove the frame or set "
                             "data.skip_bad_frames=true")
     b = z_bins(pts[:, 2], cfg.num_bins)
-    order = np.argsort(b, kind="stable")
+    # a stable sort of small integers is a radix sort in numpy: much faster than sorting int64 keys
+    order = np.argsort(b.astype(np.int16) if cfg.num_bins < 2**15 else b, kind="stable")
     counts = np.bincount(b, minlength=cfg.num_bins).astype(np.int64)
     if cfg.pool_per_bin and (counts > cfg.pool_per_bin).any():
         rng = np.random.default_rng(frame_key(rel_path))
@@ -195,7 +206,7 @@ def process_depth(depth: np.ndarray, cfg: DataConfig, rel_path: str, path: str |
             start += n
         order = np.concatenate(keep)
         counts = np.minimum(counts, cfg.pool_per_bin)
-    return ProcessedFrame(network_input(depth, cfg), pts[order].astype(np.float32), counts)
+    return ProcessedFrame(network_input(depth, cfg), pts, order, counts)
 
 
 def draw_indices(counts: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,5 +1,7 @@
 """SYNTHIA depth encoding, back-projection, Z bins, network input, and the errors for bad frames/folders."""
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -92,13 +94,25 @@ def test_network_input_value_and_keep_aspect():
 
 # ---------------------------------------------------------------------------------------------- bad input
 
+def _write_png_by_hand(path, rgb16):
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one): signature, IHDR, one IDAT, IEND."""
+    h, w = rgb16.shape[:2]
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
 def _good_png(path, h=6, w=8, depth=20.0):
     write_depth_png(path, np.full((h, w), depth))
 
 
 @pytest.mark.parametrize("kind, words", [
     ("truncated", "truncated"), ("not_png", "not a readable PNG"), ("jpeg", "not a PNG"),
-    ("gray", "grayscale"), ("gray16", "16-bit"), ("rgba", "RGBA"), ("sky", "every pixel is sky"),
+    ("gray", "grayscale"), ("gray16", "16-bit"), ("rgb16", "16-bit-per-channel RGB"), ("rgba", "RGBA"),
+    ("palette", "palette"), ("sky", "every pixel is sky"),
 ])
 def test_bad_frame_errors_name_the_file(tmp_path, kind, words):
     path = tmp_path / "f.png"
@@ -114,8 +128,12 @@ def test_bad_frame_errors_name_the_file(tmp_path, kind, words):
         Image.new("L", (8, 6)).save(path)
     elif kind == "gray16":
         Image.fromarray(np.zeros((6, 8), dtype=np.uint16)).save(path)
+    elif kind == "rgb16":
+        _write_png_by_hand(path, np.full((6, 8, 3), 1000, np.uint16))
     elif kind == "rgba":
         Image.new("RGBA", (8, 6)).save(path)
+    elif kind == "palette":
+        Image.new("P", (8, 6)).save(path)
     elif kind == "sky":
         _good_png(path, depth=5000.0)
     cfg = DataConfig(source="synthia", root=str(tmp_path), height=8, width=8)

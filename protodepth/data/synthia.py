@@ -73,6 +73,9 @@ def check_png_header(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             fmt, mode, (w, h) = im.format, im.mode, im.size
+            # Pillow opens a 16-bit-per-channel RGB PNG as mode "RGB", dropping the low bytes; its raw mode
+            # ("RGB;16B") is the only sign of it
+            rawmode = str(im.tile[0][3]) if im.tile else ""
     except FileNotFoundError:
         raise FileNotFoundError(f"depth frame {path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -87,6 +90,9 @@ def check_png_header(path: str | os.PathLike) -> tuple[int, int]:
                 "P": "palette", "1": "1-bit", "F": "float"}.get(mode, f"mode {mode}")
         raise BadFrameError(f"depth frame {path}: is a {kind} image; SYNTHIA depth frames are 8-bit RGB "
                             "(depth = (R + 256 G + 65536 B) / (2^24 - 1) * 1000 m)")
+    if "16" in rawmode:
+        raise BadFrameError(f"depth frame {path}: is a 16-bit-per-channel RGB image; SYNTHIA depth frames are "
+                            "8-bit RGB (depth = (R + 256 G + 65536 B) / (2^24 - 1) * 1000 m)")
     return h, w
 
 

@@ -292,6 +292,11 @@ def train(cfg: Config) -> dict:
     batch_paths: list[str] = []
     nonfinite_local = torch.zeros((), device=accelerator.device)
     lr = set_lr(state.step)
+    # Point sampling draws from a generator re-seeded from (seed, step, micro-batch, rank) every micro-batch, not
+    # from the global RNG: a resumed run then samples exactly what an uninterrupted one did, whatever else
+    # (DataLoader iterators, libraries) consumed global random numbers in between.
+    sample_gen = torch.Generator(device=accelerator.device)
+    micro = 0
     done = state.step >= t.max_steps
     while not done:
         train_dl.set_epoch(state.epoch)
@@ -304,8 +309,11 @@ def train(cfg: Config) -> dict:
                 with accelerator.autocast():
                     scene = model(batch["image"])  # slot_verts (B, K, V, 3) fp32, prototypes (P, V, 3)
                 n_targets = targets_ramp(state.step)
+                sample_gen.manual_seed((((t.seed * 1_000_003 + state.step) * 64 + micro) * 4096
+                                        + accelerator.process_index) % 2**63)
+                micro = 0 if accelerator.sync_gradients else micro + 1
                 res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, batch["cloud"], batch["lengths"],
-                                       cfg.loss, samples_per_slot=samples_ramp(state.step),
+                                       cfg.loss, samples_per_slot=samples_ramp(state.step), generator=sample_gen,
                                        max_targets=n_targets if n_targets < full_targets else None)
                 nonfinite_local += (~torch.isfinite(res.total.detach())).float()
                 accelerator.backward(res.total)

@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Run a trained Proto-Depth checkpoint on depth PNGs: one scene mesh, one picture and the Chamfer distance per image.
+
+    python scripts/infer.py --checkpoint runs/default/checkpoints/checkpoint-00001000 \\
+        --input /data/SYNTHIA-SF --output runs/default/infer
+
+--checkpoint: a checkpoint folder written by scripts/train.py (config.yaml + model weights), or a run folder
+              (its newest complete checkpoint is used).
+--input:      one depth PNG, a folder of PNGs, a DepthLeft folder, or a SYNTHIA-SF root (SEQ*/DepthLeft/*.png).
+--output:     receives scenes/<name>.ply (the K posed slot meshes, slot colours), pictures/<name>.png,
+              metrics.json and metrics.csv (per image and the mean over the set).
+
+Metrics per image, on the same target cloud the trainer uses (at most data.points_per_bin points per depth bin,
+a fixed draw) and loss.samples_per_slot points sampled on every slot mesh (fixed seed), squared metres:
+pred_to_target (mean over predicted points of the squared distance to the nearest target point), target_to_pred
+(the other way), chamfer = their sum.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin")
+
+
+class InferError(ValueError):
+    """A bad checkpoint or input; the message names the file or folder."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder: its newest checkpoint)")
+    p.add_argument("--input", required=True, help="depth PNG, folder of PNGs, or SYNTHIA-SF root")
+    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU when there is one (default)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding PNGs (default 0)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable PNGs with a warning instead of stopping")
+    p.add_argument("--no-pictures", action="store_true", help="write meshes and metrics only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the target draw and the mesh sampling (default 0)")
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of a user error")
+    a = p.parse_args(argv)
+    if a.batch_size < 1:
+        p.error(f"--batch-size: got {a.batch_size}, must be >= 1")
+    if a.workers < 0:
+        p.error(f"--workers: got {a.workers}, must be >= 0")
+    return a
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run folder / checkpoints folder -> its newest complete checkpoint."""
+    from protodepth import checkpoint as ckpt
+
+    if not path.exists():
+        raise InferError(f"--checkpoint {path}: folder not found")
+    if not path.is_dir():
+        raise InferError(f"--checkpoint {path}: is a file; pass the checkpoint folder that holds config.yaml")
+    has_weights = any((path / n).is_file() for n in WEIGHT_FILES) or (path / "pytorch_model").is_dir()
+    if (path / "config.yaml").is_file() and has_weights:
+        return path
+    for root in (path / "checkpoints", path):
+        found = ckpt.latest_checkpoint_or_none(root)
+        if found is not None:
+            return found
+    if (path / "config.yaml").is_file() and not (path / "checkpoints").is_dir():
+        return path  # config but no weights: load_model names what is missing
+    raise InferError(f"--checkpoint {path}: holds no config.yaml and no complete checkpoint-* folder; pass a "
+                     "checkpoint folder written by scripts/train.py (runs/<name>/checkpoints/checkpoint-XXXXXXXX)")
+
+
+def read_weights(folder: Path) -> dict:
+    """The ProtoDepth state_dict saved by Accelerate's save_state in `folder` (safetensors, a torch .bin, or a
+    DeepSpeed `pytorch_model/` folder), with DDP / torch.compile name prefixes removed."""
+    import torch
+
+    state = None
+    for name in WEIGHT_FILES:
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                state = load_file(str(f), device="cpu")
+            else:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file
+            raise InferError(f"--checkpoint: {f} is not a readable weights file ({e.__class__.__name__}: "
+                             f"{str(e)[:200]})") from None
+        break
+    if state is None:
+        ds = sorted((folder / "pytorch_model").glob("*model_states.pt")) if (folder / "pytorch_model").is_dir() else []
+        if ds:  # DeepSpeed: ZeRO-1/2 keep the full fp32 module weights in the model-states file
+            try:
+                state = torch.load(ds[0], map_location="cpu", weights_only=False)["module"]
+            except Exception as e:
+                raise InferError(f"--checkpoint: {ds[0]} is not a readable DeepSpeed model-states file "
+                                 f"({e.__class__.__name__})") from None
+    if state is None:
+        raise InferError(f"--checkpoint {folder}: no model weights found (looked for {', '.join(WEIGHT_FILES)} and "
+                         "pytorch_model/*model_states.pt)")
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+def load_model(folder: Path, device):
+    """(model in eval mode on `device`, Config) from a checkpoint folder."""
+    from protodepth.config import load_config
+    from protodepth.model import ProtoDepth
+
+    cfg_file = folder / "config.yaml"
+    if not cfg_file.is_file():
+        raise InferError(f"--checkpoint {folder}: config.yaml is missing (every checkpoint written by "
+                         "scripts/train.py holds one)")
+    # the checkpoint holds every weight: never download or read the backbone's initial weights
+    cfg = load_config(cfg_file, {"model.weights": "none"})
+    model = ProtoDepth(cfg.model)
+    state = read_weights(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InferError(f"--checkpoint {folder}: weights do not match the model of its config.yaml (missing "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{'...' if len(unexpected) > 3 else ''})")
+    return model.to(device).eval(), cfg
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def list_inputs(path: Path):
+    """Frames (protodepth.data.synthia.Frame) of a PNG file or any folder layout `list_frames` accepts."""
+    from protodepth.data.synthia import Frame, list_frames
+
+    if not path.exists():
+        raise InferError(f"--input {path}: not found")
+    if path.is_file():
+        if path.suffix.lower() != ".png":
+            raise InferError(f"--input {path}: expected a depth PNG or a folder of them")
+        return [Frame(str(path.resolve()), path.name, path.parent.name)]
+    try:
+        return list_frames(str(path))
+    except FileNotFoundError:
+        raise InferError(f"--input {path}: no depth PNG found (looked for */DepthLeft/*.png, DepthLeft/*.png "
+                         "and *.png)") from None
+
+
+def skip_hint(msg: str) -> str:
+    """The data layer's message about a bad frame, with this script's way of skipping it."""
+    if "data.skip_bad_frames=true" in msg:
+        return msg.replace("set data.skip_bad_frames=true", "pass --skip-bad to skip such files")
+    return f"{msg} (pass --skip-bad to skip such files)"
+
+
+class FrameDataset:
+    """Depth PNG -> {"image" (3, H, W), "cloud" (N, 3), "path", "rel", "native_hw"}, with the training draw
+    of the target cloud (fixed seed, epoch 0) so metrics compare with the trainer's validation loss."""
+
+    def __init__(self, frames, data_cfg, seed: int, skip_bad: bool = False):
+        self.frames, self.cfg, self.seed, self.skip_bad = list(frames), data_cfg, seed, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        from protodepth.data.synthia import (BadFrameError, draw_indices, frame_key, process_depth, read_depth_png,
+                                             sample_rng)
+
+        fr = self.frames[i]
+        try:  # truncated pixel data and all-sky frames only show here, when decoding
+            depth = read_depth_png(fr.path)
+            p = process_depth(depth, self.cfg, fr.rel, fr.path)
+        except BadFrameError as e:
+            if not self.skip_bad:
+                raise InferError(skip_hint(str(e))) from None
+            return {"bad": str(e)}
+        idx = draw_indices(p.counts, self.cfg.points_per_bin, sample_rng(self.seed, 0, frame_key(fr.rel)))
+        return {"image": torch.from_numpy(p.image).expand(3, -1, -1).contiguous(),
+                "cloud": torch.from_numpy(p.points[idx]), "path": fr.path, "rel": fr.rel,
+                "native_hw": depth.shape}
+
+
+def check_frames(frames, skip_bad: bool):
+    """Check every PNG before the long run (headers only): stop naming a corrupt file, or drop it with
+    --skip-bad. Returns (good frames, messages of skipped ones). Truncated pixel data is only found when
+    decoding (FrameDataset)."""
+    from protodepth.data.synthia import BadFrameError, check_png_header
+
+    good, skipped = [], []
+    for fr in frames:
+        try:
+            check_png_header(fr.path)
+            good.append(fr)
+        except (BadFrameError, FileNotFoundError) as e:
+            if not skip_bad:
+                raise InferError(skip_hint(str(e))) from None
+            warnings.warn(f"skipping: {e}", RuntimeWarning, stacklevel=2)
+            skipped.append(str(e))
+    if not good:
+        raise InferError("--input: no readable depth PNG left after skipping bad ones")
+    return good, skipped
+
+
+def collate(samples: list[dict]) -> dict:
+    """collate_depth of the good samples, plus rels, native sizes, and the messages of skipped bad ones."""
+    from protodepth.data import collate_depth
+
+    bad = [s["bad"] for s in samples if "bad" in s]
+    samples = [s for s in samples if "bad" not in s]
+    if not samples:
+        return {"bad": bad, "image": None}
+    batch = collate_depth(samples)
+    batch["bad"] = bad
+    batch["rels"] = [s["rel"] for s in samples]
+    batch["native_hw"] = [tuple(s["native_hw"]) for s in samples]
+    return batch
+
+
+def out_name(rel: str) -> str:
+    """A flat, unique file stem from a frame's path relative to the input: SEQ1/DepthLeft/000003.png ->
+    SEQ1_DepthLeft_000003."""
+    stem = rel[:-4] if rel.lower().endswith(".png") else rel
+    return stem.replace("/", "_").replace(os.sep, "_")
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole inference; returns what metrics.json holds. Raises InferError (or a protodepth user error)."""
+    folder = resolve_checkpoint(Path(args.checkpoint))  # before the heavy imports: a typo fails in a second
+
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from protodepth import viz
+    from protodepth.geometry import chamfer_distance, sample_points_from_meshes
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InferError("--device cuda: no CUDA GPU is visible; use --device auto or cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    frames, skipped = check_frames(list_inputs(Path(args.input)), args.skip_bad)
+    model, cfg = load_model(folder, device)
+    faces = model.faces
+    K, S = cfg.model.num_slots, cfg.loss.samples_per_slot
+
+    out = Path(args.output)
+    (out / "scenes").mkdir(parents=True, exist_ok=True)
+    if not args.no_pictures:
+        (out / "pictures").mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(FrameDataset(frames, cfg.data, args.seed, args.skip_bad), batch_size=args.batch_size,
+                        shuffle=False, num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    rows: list[dict] = []
+    pal = viz.slot_colors(K)
+    bar = tqdm(total=len(frames), desc="infer", unit="img", dynamic_ncols=True)
+    try:  # the bar is closed on errors too, so the error line stands on its own
+        for batch in loader:
+            for msg in batch["bad"]:
+                skipped.append(msg)
+                warnings.warn(f"skipping: {msg}", RuntimeWarning, stacklevel=2)
+            bar.update(len(batch["bad"]))
+            if batch["image"] is None:
+                continue
+            image = batch["image"].to(device, non_blocking=True)
+            cloud = batch["cloud"].to(device, non_blocking=True)
+            lengths = batch["lengths"].to(device)
+            B = image.shape[0]
+            with torch.no_grad():
+                scene = model(image)
+                V = scene.slot_verts.shape[2]
+                pred = sample_points_from_meshes(scene.slot_verts.reshape(B * K, V, 3), faces, S, generator=gen)
+                pred = pred.view(B, K, S, 3)
+                flat = pred.reshape(B, K * S, 3)
+                # (B,) each: mean over one cloud's points of the squared distance to the other's nearest
+                p2t, _ = chamfer_distance(flat, cloud, y_lengths=lengths, batch_reduction=None,
+                                          single_directional=True)
+                t2p, _ = chamfer_distance(cloud, flat, x_lengths=lengths, batch_reduction=None,
+                                          single_directional=True)
+            p2t, t2p = p2t.float().cpu().tolist(), t2p.float().cpu().tolist()
+            slot_verts, pred_cpu = scene.slot_verts.float().cpu(), pred.float().cpu()
+            for b in range(B):
+                name = out_name(batch["rels"][b])
+                row = {"name": name, "path": batch["paths"][b], "chamfer": p2t[b] + t2p[b], "pred_to_target": p2t[b],
+                       "target_to_pred": t2p[b], "target_points": int(batch["lengths"][b])}
+                viz.write_ply(out / "scenes" / f"{name}.ply", slot_verts[b], faces.cpu(), pal)
+                if not args.no_pictures:
+                    cam = viz.Camera.for_input(cfg.data, batch["native_hw"][b])
+                    n = int(batch["lengths"][b])
+                    title = f"{batch['rels'][b]}  |  chamfer {row['chamfer']:.4g} m^2  |  {folder.name}"
+                    pic = viz.scene_picture(batch["image"][b], batch["cloud"][b, :n], pred_cpu[b], cam, title,
+                                            depth_scale=float(cfg.data.depth_scale))
+                    pic.save(out / "pictures" / f"{name}.png")
+                rows.append(row)
+            bar.update(B)
+            bar.set_postfix(chamfer=f"{sum(r['chamfer'] for r in rows) / len(rows):.4g}", refresh=False)
+    finally:
+        bar.close()
+    if not rows:
+        raise InferError("--input: every depth PNG was skipped; nothing to evaluate")
+
+    keys = ("chamfer", "pred_to_target", "target_to_pred")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    result = {"checkpoint": str(folder), "input": str(args.input), "device": str(device), "count": len(rows),
+              "samples_per_slot": S, "num_slots": K, "mean": mean, "skipped": skipped, "images": rows}
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["name", "path", *keys, "target_points"])
+        w.writeheader()
+        w.writerows(rows)
+        w.writerow({"name": "mean", "path": "", **mean, "target_points": ""})
+    return result
+
+
+def last_line(e: BaseException) -> str:
+    """An error's message on one line; one re-raised from a DataLoader worker carries the worker's traceback
+    in its message, whose last line is the original message."""
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    if len(lines) > 1 and "Traceback" in str(e):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        res = run(args)
+    except InferError as e:
+        if args.traceback:
+            raise
+        print(f"error: {last_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from protodepth.errors import USER_ERRORS, one_line  # imported late: it pulls in the trainer
+
+        if args.traceback or not isinstance(e, USER_ERRORS):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    m = res["mean"]
+    print(f"{res['count']} images on {res['device']}: mean chamfer {m['chamfer']:.6g} m^2 (pred->target "
+          f"{m['pred_to_target']:.6g}, target->pred {m['target_to_pred']:.6g}); results in {args.output}"
+          + (f"; skipped {len(res['skipped'])} bad files" if res["skipped"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -203,10 +203,10 @@ def train(cfg: Config) -> dict:
     if t.resume is not None:
         try:
             folder = ckpt.find_resume_checkpoint(ckpt_root, t.resume)
-        except ckpt.CheckpointError:
-            if t.resume != "latest":
-                raise
-            folder = None  # "latest" with nothing saved yet: a fresh start, so a restart loop can always pass it
+        except ckpt.NoCheckpointError:
+            # "latest" with nothing saved yet: a fresh start, so a restart loop can always pass it. Only broken
+            # checkpoints (CheckpointError) stop the run: starting over would let retention delete them.
+            folder = None
             log(f"resume=latest: no checkpoint under {ckpt_root} yet, starting from step 0")
         if folder is not None:
             accelerator.load_state(str(folder))

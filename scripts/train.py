@@ -19,8 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.yaml"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # same last line as every other user error (`error: ...`, exit 2), whatever the program name
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/quickstart.yaml)")
     p.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint of the run) or a checkpoint folder")
     p.add_argument("--output-dir", default=None, help="run folder (train.output_dir)")

@@ -290,3 +290,251 @@ def test_a_failing_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monke
     assert "checkpoint of step 2" in msg and "No space left on device" in msg and "checkpoint-00000001" in msg, msg
     root = tmp_path / "run" / "checkpoints"
     assert steps_saved(tmp_path / "run") == [1] and not list(root.glob(".tmp-*"))
+
+
+# ------------------------------------------------------- every user error: one line through scripts/train.py
+#
+# Each case builds a bad input under a fresh folder and runs scripts/train.py's main() on it (in-process: most
+# cases fail before the model is built, so this is fast; test_cli_error_in_a_real_process shows the same from a
+# real process). Every case must exit 2 with a last stderr line `error: ...` naming the culprit, without a
+# traceback, and that line must be exactly the one docs/errors.md shows (tmp folder written as <tmp>).
+
+ERRORS_DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+
+
+def _depth(seed: int, h: int = 24, w: int = 32):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d = np.full((h, w), 2000.0)  # sky above the horizon
+    d[h // 3:] = rng.uniform(5.0, 60.0, size=(h - h // 3, w))
+    return d
+
+
+def _good_frames(root: Path, n_per_seq: int = 5) -> Path:
+    from protodepth.data import write_depth_png
+
+    for s in (1, 2):
+        d = root / f"SEQ{s}" / "DepthLeft"
+        d.mkdir(parents=True)
+        for i in range(n_per_seq):
+            write_depth_png(d / f"{i:04d}.png", _depth(10 * s + i))
+    return root
+
+
+def _png16_rgb(path: Path) -> None:
+    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    h, w = 6, 8
+    raw = b"".join(b"\0" + b"\x03\xe8" * 3 * w for _ in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _replace_frame(t: Path, how: str) -> None:
+    """Damage the first frame of SEQ1 in the good folder t/frames."""
+    from PIL import Image
+
+    f = t / "frames" / "SEQ1" / "DepthLeft" / "0000.png"
+    if how == "truncated":
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    elif how == "text":
+        f.write_text("this is not an image")
+    elif how == "jpeg":
+        Image.new("RGB", (32, 24)).save(f, format="JPEG")
+    elif how == "sky":
+        from protodepth.data import write_depth_png
+        import numpy as np
+
+        write_depth_png(f, np.full((24, 32), 1000.0))
+    elif how == "rgb16":
+        _png16_rgb(f)
+    else:
+        mode = {"gray": "L", "gray16": "I;16", "rgba": "RGBA", "palette": "P"}[how]
+        Image.new(mode, (32, 24)).save(f, format="PNG")
+
+
+def _make_cache(t: Path) -> None:
+    from protodepth.data import DataConfig, build_cache
+
+    cfg = DataConfig(source="synthia", root=str(t / "frames"), height=16, width=16, num_bins=2, points_per_bin=32)
+    build_cache(cfg, str(t / "frames"), str(t / "cache"), progress=False)
+
+
+def _fake_checkpoints(t: Path, broken: bool) -> None:
+    root = t / "run" / "checkpoints"
+    make_checkpoint(root, 3)
+    if broken:
+        break_checkpoint(root / "checkpoint-00000003", "truncated")
+
+
+def _write(t: Path, name: str, text: str) -> None:
+    (t / name).write_text(text)
+
+
+# id -> (what the user did, setup(t) or None, extra argv, fragment the message must hold)
+CLI_CASES = {
+    # ---- command-line flags
+    "flag-wandb-choice": ("`--wandb maybe`", None, ["--wandb", "maybe"], "--wandb"),
+    "flag-not-an-int": ("`--max-steps ten`", None, ["--max-steps", "ten"], "--max-steps"),
+    "flag-unknown": ("`--max-step 3` (typo)", None, ["--max-step", "3"], "--max-step"),
+    "override-no-equals": ("`train.max_steps` (no `=value`)", None, ["train.max_steps"], "train.max_steps"),
+    "override-no-section": ("`max_steps=3` (no section)", None, ["max_steps=3"], "max_steps=3"),
+    "override-bad-yaml": ("`data.val_sequences=[SEQ1`", None, ["data.val_sequences=[SEQ1"], "data.val_sequences"),
+    "config-missing": ("`--config nope.yaml`", None, ["--config", "{t}/nope.yaml"], "nope.yaml"),
+    "config-bad-yaml": ("`--config` file with broken YAML", lambda t: _write(t, "bad.yaml", "model: [1, 2\n"),
+                        ["--config", "{t}/bad.yaml"], "bad.yaml"),
+    "config-not-mapping": ("`--config` file holding a list", lambda t: _write(t, "list.yaml", "- 1\n- 2\n"),
+                           ["--config", "{t}/list.yaml"], "list.yaml"),
+    "resume-missing": ("`--resume` a folder that does not exist", None, ["--resume", "{t}/nope"], "nope"),
+    "resume-run-folder": ("`--resume` the checkpoints folder instead of one checkpoint",
+                          lambda t: _fake_checkpoints(t, False), ["--resume", "{t}/run/checkpoints"], "checkpoints"),
+    "resume-incomplete": ("`--resume` a checkpoint whose weights file was truncated",
+                          lambda t: _fake_checkpoints(t, True), ["--resume", "{t}/run/checkpoints/checkpoint-00000003"],
+                          "model.safetensors has"),
+    "resume-latest-all-broken": ("`--resume latest` when every checkpoint is broken",
+                                 lambda t: _fake_checkpoints(t, True), ["--resume", "latest"], "none of the 1"),
+    # ---- config values
+    "field-unknown": ("`model.nmu_slots=3` (typo)", None, ["model.nmu_slots=3"], "model.nmu_slots"),
+    "section-unknown": ("`trian.max_steps=3` (typo)", None, ["trian.max_steps=3"], "trian"),
+    "type-str-for-int": ("`train.max_steps=ten`", None, ["train.max_steps=ten"], "train.max_steps"),
+    "type-bool-for-int": ("`train.batch_size=true`", None, ["train.batch_size=true"], "train.batch_size"),
+    "type-list-for-float": ("`optim.lr=[1]`", None, ["optim.lr=[1]"], "optim.lr"),
+    "range-batch-size": ("`train.batch_size=0`", None, ["train.batch_size=0"], "train.batch_size"),
+    "range-lr": ("`optim.lr=0`", None, ["optim.lr=0"], "optim.lr"),
+    "range-loss-weight": ("`loss.w_global=-0.5`", None, ["loss.w_global=-0.5"], "loss.w_global"),
+    "range-ico-level": ("`model.ico_level=9`", None, ["model.ico_level=9"], "model.ico_level"),
+    "range-data-height": ("`data.height=4`", None, ["data.height=4"], "data.height"),
+    "range-timeout": ("`train.dist_timeout_s=0`", None, ["train.dist_timeout_s=0"], "train.dist_timeout_s"),
+    "choice-precision": ("`train.mixed_precision=fp8`", None, ["train.mixed_precision=fp8"], "train.mixed_precision"),
+    "choice-nonfinite": ("`train.on_nonfinite=ignore`", None, ["train.on_nonfinite=ignore"], "train.on_nonfinite"),
+    "choice-data-source": ("`data.source=kitti`", None, ["data.source=kitti"], "data.source"),
+    "needs-steps": ("`progressive.shape=linear` without `progressive.steps`", None, ["progressive.shape=linear"],
+                    "progressive.steps"),
+    "pool-too-small": ("`data.pool_per_bin=8` (< `data.points_per_bin`)", None, ["data.pool_per_bin=8"],
+                       "data.pool_per_bin"),
+    "batch-bigger-than-data": ("`train.batch_size=64` with 8 training frames", None, ["train.batch_size=64"],
+                               "train.batch_size"),
+    "val-sequence-unknown": ("`data.val_sequences=[SEQ9]`", None, ["data.val_sequences=[SEQ9]"], "SEQ9"),
+    "weights-missing": ("`model.weights=nope.pth`", None, ["model.weights={t}/nope.pth"], "nope.pth"),
+    "weights-garbage": ("`model.weights` a file that is not a state_dict",
+                        lambda t: _write(t, "junk.pth", "not a state dict"), ["model.weights={t}/junk.pth"],
+                        "junk.pth"),
+    "output-dir-under-file": ("`train.output_dir` below a regular file", lambda t: _write(t, "afile", "x"),
+                              ["train.output_dir={t}/afile/run"], "train.output_dir"),
+    # ---- data files
+    "data-root-missing": ("`data.root` does not exist", None, ["data.root={t}/nope"], "nope"),
+    "data-root-file": ("`data.root` is a file", lambda t: _write(t, "afile", "x"), ["data.root={t}/afile"], "afile"),
+    "data-root-empty": ("`data.root` holds no PNG", lambda t: (t / "empty" / "SEQ1" / "DepthLeft").mkdir(parents=True),
+                        ["data.root={t}/empty"], "empty"),
+    "synthetic-root-foreign": ("`data.source=synthetic` into a non-empty folder it did not make",
+                               None, ["data.source=synthetic"], "data.root"),
+    "png-text": ("a `.png` that is a text file", lambda t: _replace_frame(t, "text"), [], "0000.png"),
+    "png-jpeg": ("a `.png` that is a JPEG", lambda t: _replace_frame(t, "jpeg"), [], "0000.png"),
+    "png-gray": ("an 8-bit grayscale PNG", lambda t: _replace_frame(t, "gray"), [], "0000.png"),
+    "png-gray16": ("a 16-bit grayscale PNG", lambda t: _replace_frame(t, "gray16"), [], "0000.png"),
+    "png-rgb16": ("a 16-bit-per-channel RGB PNG", lambda t: _replace_frame(t, "rgb16"), [], "0000.png"),
+    "png-rgba": ("an RGBA PNG", lambda t: _replace_frame(t, "rgba"), [], "0000.png"),
+    "png-palette": ("a palette PNG", lambda t: _replace_frame(t, "palette"), [], "0000.png"),
+    "png-truncated": ("a PNG cut in half (header intact: found when first loaded)",
+                      lambda t: _replace_frame(t, "truncated"), [], "0000.png"),
+    "png-all-sky": ("a frame where every pixel is sky (found when first loaded)",
+                    lambda t: _replace_frame(t, "sky"), [], "0000.png"),
+    "cache-missing": ("`data.format=cache` with no cache built", None,
+                      ["data.format=cache", "data.cache_dir={t}/nocache"], "prepare_data"),
+    "cache-mismatch": ("`data.format=cache`, cache built with another `data.height`", _make_cache,
+                       ["data.format=cache", "data.cache_dir={t}/cache", "data.height=32"], "data.height"),
+    # ---- training
+    "nonfinite-loss": ("`optim.lr=1e30` (the weights overflow after one step)", None, ["optim.lr=1e30"],
+                       "non-finite loss at step 2"),
+}
+SLOW_CASES = {"png-truncated", "png-all-sky", "nonfinite-loss", "weights-garbage", "output-dir-under-file",
+              "resume-run-folder", "resume-incomplete", "resume-latest-all-broken"}  # get past the model build
+
+
+@pytest.fixture(scope="module")
+def good_frames(tmp_path_factory) -> Path:
+    return _good_frames(tmp_path_factory.mktemp("frames") / "frames")
+
+
+def _cli_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("protodepth_train_cli", ERRORS_DOC.parent.parent / "scripts" /
+                                                  "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _case_argv(t: Path, case: str) -> list[str]:
+    from trainer_utils import override_args
+
+    _, setup, extra, _ = CLI_CASES[case]
+    base = tiny_overrides_for_cli(t)
+    if case == "synthetic-root-foreign":
+        base["data.root"] = str(t / "frames")  # a folder of SYNTHIA frames, not made by the generator
+    return override_args(base) + [a.replace("{t}", str(t)) for a in extra]
+
+
+def tiny_overrides_for_cli(t: Path) -> dict:
+    from trainer_utils import tiny_overrides
+
+    o = tiny_overrides(t, **{"data.source": "synthia", "data.root": str(t / "frames"), "data.val_fraction": 0.2,
+                             "train.max_steps": 3, "data.height": 16, "data.width": 16})
+    for k in [k for k in o if k.startswith("data.synthetic_")]:
+        del o[k]
+    return o
+
+
+def run_cli_case(t: Path, case: str, good: Path, capsys) -> tuple[int, str]:
+    """Set the case up under t, run scripts/train.py's main(); returns (exit code, stderr with <tmp>)."""
+    import shutil
+
+    shutil.copytree(good, t / "frames")
+    setup = CLI_CASES[case][1]
+    if setup:
+        setup(t)
+    capsys.readouterr()
+    try:
+        rc = _cli_module().main(_case_argv(t, case))
+    except SystemExit as e:  # argparse's own exit
+        rc = e.code
+    err = capsys.readouterr().err
+    return rc, err.replace(str(t), "<tmp>")
+
+
+def documented_errors() -> dict[str, str]:
+    """id -> message, from the rows `| `id` | what | `message` |` of docs/errors.md (`|` escaped as `\\|`)."""
+    rows = {}
+    for line in ERRORS_DOC.read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        ident, _, msg = line.strip().strip("|").split(" | ", 2)
+        msg = msg.strip()
+        tick = "`` " if msg.startswith("`` ") else "`"
+        rows[ident.strip().strip("`")] = msg[len(tick):-len(tick)].replace("\\|", "|")
+    return rows
+
+
+def test_errors_doc_lists_every_case():
+    assert set(documented_errors()) == set(CLI_CASES)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("case", sorted(CLI_CASES, key=lambda c: (c in SLOW_CASES, list(CLI_CASES).index(c))))
+def test_user_error_is_one_documented_line(case, tmp_path, good_frames, capsys):
+    rc, err = run_cli_case(tmp_path, case, good_frames, capsys)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error: "), err
+    assert CLI_CASES[case][3] in lines[-1], lines[-1]
+    assert lines[-1] == "error: " + documented_errors().get(case, "<not in docs/errors.md>"), lines[-1]

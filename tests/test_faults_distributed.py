@@ -1,0 +1,112 @@
+"""Distributed faults: one of two CPU ranks dies (SIGKILL) or raises (a corrupt PNG that only it reads); the
+whole job must exit non-zero within a bounded time and show the failing rank's error."""
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from protodepth import checkpoint as ckpt
+from trainer_utils import REPO, accelerate_bin, override_args, tiny_config, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+DIST_TIMEOUT_S = 30
+# a failure must end the job well within the process-group timeout plus the launcher's own teardown
+BOUND_S = DIST_TIMEOUT_S + 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(overrides: dict, tag: str, log: Path) -> subprocess.Popen:
+    cmd = [accelerate_bin(), "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "scripts/train.py", *override_args(overrides)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true", ACCELERATE_USE_CPU="1",
+               PROTODEPTH_TEST_TAG=tag)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def pid_of_rank(tag: str, rank: int) -> int | None:
+    """The worker process launched by this test (its environment holds `tag`) with RANK=`rank`, via /proc."""
+    want = {f"PROTODEPTH_TEST_TAG={tag}".encode(), f"RANK={rank}".encode()}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = set((d / "environ").read_bytes().split(b"\0"))
+        except OSError:  # gone, or not ours
+            continue
+        if want <= env:
+            return int(d.name)
+    return None
+
+
+def wait(p: subprocess.Popen, timeout: float, log: Path) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise AssertionError(f"the job did not end within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid through /proc")
+def test_one_rank_killed_ends_the_job_within_the_bound(tmp_path):
+    tag = uuid.uuid4().hex
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 200, "train.ckpt_every": 1,
+                                    "train.dist_timeout_s": DIST_TIMEOUT_S})
+    log = tmp_path / "job.log"
+    p = launch(o, tag, log)
+    root = Path(o["train.output_dir"]) / "checkpoints"
+    end = time.monotonic() + 180
+    while not ckpt.checkpoint_dirs(root):  # training is under way on both ranks
+        assert p.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < end, log.read_text()[-4000:]
+        time.sleep(0.05)
+    victim = pid_of_rank(tag, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    rc = wait(p, BOUND_S, log)
+    elapsed = time.monotonic() - t0
+    out = log.read_text()
+    assert rc != 0, out[-4000:]
+    assert elapsed < BOUND_S, elapsed
+    # the launcher names the dead rank and the signal
+    assert "rank      : 1" in out and "Signal 9 (SIGKILL)" in out, out[-4000:]
+    assert pid_of_rank(tag, 0) is None  # no orphan left running
+
+
+def test_one_rank_raising_ends_the_job_and_shows_its_error(tmp_path):
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 20, "train.dist_timeout_s": DIST_TIMEOUT_S})
+    # Generate the scenes here, then truncate a PNG that only rank 1 reads in its first batch: Accelerate gives
+    # rank r the batches r, r + 2, ... of the sampler's order, so rank 1's first batch is order[2:4].
+    from protodepth.data import build_datasets
+    from protodepth.train import EpochShuffleSampler
+
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 20})
+    train_ds, _ = build_datasets(cfg.data, seed=cfg.train.seed, progress=False)
+    order = list(EpochShuffleSampler(len(train_ds), cfg.train.seed))
+    bad = Path(train_ds[order[2]]["path"])
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # header intact (the startup scan passes), pixel data cut
+    log = tmp_path / "job.log"
+    t0 = time.monotonic()
+    p = launch(o, uuid.uuid4().hex, log)
+    rc = wait(p, 180 + BOUND_S, log)
+    elapsed = time.monotonic() - t0
+    out = log.read_text()
+    assert rc != 0, out[-4000:]
+    assert elapsed < 180 + BOUND_S
+    err = [l for l in out.splitlines() if l.startswith("[rank 1] error:")]
+    assert err and bad.name in err[0] and "truncated or corrupt" in err[0], out[-4000:]
+    assert not ckpt.checkpoint_dirs(Path(o["train.output_dir"]) / "checkpoints")

@@ -1,0 +1,118 @@
+"""kill -9 at any moment, restart with --resume latest, and end exactly where an uninterrupted run ends.
+
+A CPU training process (scripts/train.py, deterministic, a checkpoint every step) is SIGKILLed at seeded
+random moments: while a checkpoint is being written (a `.tmp-checkpoint-*` folder exists; the
+PROTODEPTH_TEST_SLOW_CHECKPOINT_S knob of protodepth/checkpoint.py holds that window open for a while) and
+at random delays after a step's checkpoint appeared (which lands anywhere: in a forward/backward pass, in
+save_state, in the rename). It is restarted with --resume latest until it finishes. Its final weights and
+its logged losses must equal those of a run that was never interrupted; after every kill each committed
+checkpoint must still verify (the rename is atomic), and every restart must remove the half-written folder.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from protodepth import checkpoint as ckpt
+from trainer_utils import REPO, override_args, python, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 6
+SLOW_COMMIT_S = 0.6  # a commit sleeps this long with the files written and no manifest yet
+
+
+def start(tmp_path: Path, name: str, resume: bool) -> tuple[subprocess.Popen, Path]:
+    o = tiny_overrides(tmp_path, **{"train.max_steps": MAX_STEPS, "train.ckpt_every": 1,
+                                    "train.deterministic": True, "train.output_dir": str(tmp_path / name)})
+    args = [python(), "scripts/train.py", *override_args(o)] + (["--resume", "latest"] if resume else [])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    env[ckpt.SLOW_ENV] = str(SLOW_COMMIT_S)
+    log = tmp_path / f"{name}.log"
+    with open(log, "a") as f:
+        f.write(f"\n===== start (resume={resume})\n")
+        f.flush()
+        p = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return p, log
+
+
+def wait_for(p: subprocess.Popen, cond, timeout: float = 90.0) -> bool:
+    """Poll `cond()` every 10 ms; True when it held while `p` still ran, False when `p` ended first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return p.poll() is None
+        if p.poll() is not None:
+            return False
+        time.sleep(0.01)
+    p.kill()
+    raise AssertionError("the training process made no progress within the timeout")
+
+
+def committed(root: Path) -> list[int]:
+    return [int(d.name.split("-")[1]) for d in ckpt.checkpoint_dirs(root)]
+
+
+def params(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    rng = random.Random(20261124)
+    # the reference: the same process, never interrupted
+    p, log = start(tmp_path, "straight", resume=False)
+    assert p.wait(timeout=120) == 0, log.read_text()[-3000:]
+    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
+
+    run = tmp_path / "killed"
+    root = run / "checkpoints"
+    # each kill: (what to wait for, extra random delay). The waits are on progress, not wall time, so the
+    # kills land inside training whatever the machine's speed.
+    plan = [
+        ("during the write of step 2", lambda: ckpt.temp_dir(root, 2).is_dir(), 0.0),
+        ("after the checkpoint of step 3, random delay", lambda: 3 in committed(root), rng.uniform(0.0, 0.8)),
+        ("during the write of step 5", lambda: ckpt.temp_dir(root, 5).is_dir(), rng.uniform(0.0, 0.3)),
+    ]
+    kills = []
+    resume = False
+    for what, cond, delay in plan:
+        p, log = start(tmp_path, "killed", resume)
+        reached = wait_for(p, cond)
+        assert reached, f"the process ended before the kill point '{what}':\n{log.read_text()[-3000:]}"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=30) == -signal.SIGKILL
+        kills.append((what, committed(root), sorted(x.name for x in root.glob(".tmp-*"))))
+        # atomicity: whatever moment the kill hit, every committed checkpoint is complete
+        for d in ckpt.checkpoint_dirs(root):
+            assert ckpt.verify(d) is None, (what, d, ckpt.verify(d))
+        resume = True
+    assert kills[0][2] == [ckpt.temp_dir(root, 2).name], kills  # killed with a half-written folder on disk
+    assert 2 not in kills[0][1], kills  # ... which never became a checkpoint
+
+    # restart until done (one more start is enough; a loop guards against a slow machine)
+    for _ in range(3):
+        p, log = start(tmp_path, "killed", resume=True)
+        if p.wait(timeout=120) == 0:
+            break
+    else:
+        raise AssertionError(log.read_text()[-3000:])
+    text = log.read_text()
+    assert text.count("resumed from") == len(plan), text[-3000:]
+    assert not list(root.glob(".tmp-*"))  # every restart cleans up after the kill before it
+
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["steps"] == MAX_STEPS
+    assert resumed["history"] == reference["history"], (resumed["history"], reference["history"], kills)
+    a, b = params(Path(reference["checkpoint"])), params(Path(resumed["checkpoint"]))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, kills)

@@ -250,12 +250,19 @@ def train(cfg: Config) -> dict:
             if is_main:
                 cfg.save(tmp / "config.yaml")  # a checkpoint is self-contained: scripts/infer.py needs only the folder
                 ckpt.commit(ckpt_root, step, t.ckpt_limit)
-        except OSError as e:  # disk full, folder removed, permissions: leave no partial checkpoint behind
+        except Exception as e:
+            # Disk full, file too large, folder removed, permissions: leave no partial checkpoint behind. Writers
+            # report these as OSError (open/write), SafetensorError or RuntimeError (torch.save), hence Exception.
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                free = f"{shutil.disk_usage(ckpt_root).free / 2**20:.0f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            good = ckpt.checkpoint_dirs(ckpt_root)
             raise ckpt.CheckpointError(
-                f"could not write the checkpoint of step {step} to {tmp.parent} ({e.strerror or e}); "
-                f"the last complete checkpoint is {ckpt.checkpoint_dirs(ckpt_root)[-1:] or 'none'}") from e
+                f"could not write the checkpoint of step {step} to {ckpt_root} ({getattr(e, 'strerror', None) or e};"
+                f" {free}); the last complete checkpoint is {good[-1] if good else 'none'}") from e
         accelerator.wait_for_everyone()
 
     def validate() -> dict[str, float]:

@@ -148,6 +148,8 @@ class TrainConfig:
     run_name: str | None = None
     compile: bool = False  # torch.compile the model's forward
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exact resume tests
+    viz_every: int = 0  # pictures + meshes of the current batch every N steps and at the end (0: only at the end)
+    viz_images: int = 4  # images of the batch drawn per snapshot (the main process's share of the batch)
     on_nonfinite: str = "error"  # "error": stop naming step and files; "skip": drop the step
     dist_timeout_s: int = 600  # process-group timeout: a dead rank ends the job within this bound
 
@@ -158,7 +160,7 @@ class TrainConfig:
         _one_of(self.mixed_precision, "train.mixed_precision", ("no", "fp16", "bf16"))
         for name in ("log_every",):
             _check(getattr(self, name) >= 1, f"train.{name}", f"got {getattr(self, name)}, must be >= 1")
-        for name in ("val_every", "val_batches", "ckpt_every"):
+        for name in ("val_every", "val_batches", "ckpt_every", "viz_every", "viz_images"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"got {getattr(self, name)}, must be >= 0")
         _check(self.ckpt_limit >= 1, "train.ckpt_limit", f"got {self.ckpt_limit}, must be >= 1")
         _one_of(self.wandb, "train.wandb", ("auto", "online", "offline", "disabled"))

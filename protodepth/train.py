@@ -265,6 +265,18 @@ def train(cfg: Config) -> dict:
                 f" {free}); the last complete checkpoint is {good[-1] if good else 'none'}") from e
         accelerator.wait_for_everyone()
 
+    def visualise(step: int, batch: dict, scene, res) -> None:
+        """Pictures and meshes of this batch into <output_dir>/viz/step_*, and to W&B when it is on."""
+        if not is_main or t.viz_images == 0:
+            return
+        from protodepth import viz
+
+        loss = float(res.total)
+        paths = viz.snapshot(out, step, batch, scene, res.pred_points, faces, loss, cfg.data, max_images=t.viz_images)
+        if wandb_mode != "disabled":
+            accelerator.log(viz.wandb_payload(paths, batch, res.pred_points, prototypes=scene.prototypes.detach(),
+                                              max_images=t.viz_images), step=step)
+
     def validate() -> dict[str, float]:
         model.eval()
         gen = torch.Generator(device=accelerator.device).manual_seed(t.seed + 1)  # same val samples every time
@@ -304,6 +316,7 @@ def train(cfg: Config) -> dict:
     # (DataLoader iterators, libraries) consumed global random numbers in between.
     sample_gen = torch.Generator(device=accelerator.device)
     micro = 0
+    viz_done, last_batch = -1, None
     done = state.step >= t.max_steps
     while not done:
         train_dl.set_epoch(state.epoch)
@@ -354,6 +367,7 @@ def train(cfg: Config) -> dict:
 
             # ---- one optimizer step done
             batch_paths.clear()
+            last_batch = (batch, scene, res)
             state.step += 1
             state.samples += global_batch
             bar.update(1)
@@ -376,6 +390,9 @@ def train(cfg: Config) -> dict:
                 state.history.append((state.step, last_terms["loss"]))
                 accelerator.log(logs, step=state.step)
                 bar.set_postfix(loss=f"{last_terms['loss']:.4g}", refresh=False)
+            if t.viz_every and state.step % t.viz_every == 0:
+                visualise(state.step, batch, scene, res)
+                viz_done = state.step
             if val_dl is not None and state.step % t.val_every == 0:
                 last_val = validate()
                 accelerator.log(last_val, step=state.step)
@@ -388,6 +405,8 @@ def train(cfg: Config) -> dict:
             state.epoch += 1
             state.batch_in_epoch = 0
     bar.close()
+    if viz_done != state.step and last_batch is not None:
+        visualise(state.step, *last_batch)
 
     elapsed = time.perf_counter() - t_start
     # every rank's parameter checksum: equal values prove the replicas stayed in step (DDP / DeepSpeed)

@@ -1,0 +1,105 @@
+"""`accelerate launch [--config_file accelerate_configs/multi_gpu.yaml --num_processes N] scripts/benchmark.py scaling`
+
+Data-parallel throughput of the full protodepth training step through Accelerate (DDP, or DeepSpeed with
+its config): every process trains on its own random batch (`--batch` per process; default batch 32,
+K = P = 16, 240x320, 20 000 targets, bf16), the median step time after warm-up is taken on every rank, and
+the slowest rank's median gives samples/s. With `--results FILE` each run appends its figure to a JSON file
+and the table printed at the end shows efficiency = samples/s at N / (N x samples/s at 1) for every N
+recorded so far. Runs on the CPU too (tiny sizes, for tests): `--cpu-smoke`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="benchmark.py scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32, help="per process")
+    p.add_argument("--slots", type=int, default=16, help="K = P")
+    p.add_argument("--height", type=int, default=240)
+    p.add_argument("--width", type=int, default=320)
+    p.add_argument("--targets", type=int, default=20_000)
+    p.add_argument("--ico-level", type=int, default=4)
+    p.add_argument("--precision", default="bf16", choices=["no", "fp16", "bf16"])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--results", default=None, help="JSON file to append this run's figure to")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (tests)")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.batch, args.slots, args.height, args.width, args.targets, args.ico_level = 2, 2, 32, 32, 200, 1
+        args.precision, args.warmup, args.repeats = "no", 1, 2
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from protodepth.benchmarks.step import build, make_inputs
+    from protodepth.loss import proto_depth_loss
+
+    accelerator = Accelerator(mixed_precision=args.precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(static_graph=True)])
+    device = accelerator.device
+    torch.manual_seed(accelerator.process_index)
+    model, opt, loss_cfg = build(args.slots, args.ico_level, False, device)
+    faces = model.faces
+    # DeepSpeed wants a DataLoader (or its micro-batch size) at prepare time
+    dl = torch.utils.data.DataLoader(list(range(args.batch)), batch_size=args.batch)
+    model, opt, dl = accelerator.prepare(model, opt, dl)
+    image, cloud, lengths = make_inputs(args.batch, args.height, args.width, args.targets, device,
+                                        seed=accelerator.process_index)
+    if device.type == "cuda":
+        image = image.contiguous(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+
+    def step():
+        with accelerator.autocast():
+            scene = model(image)
+        res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, cloud, lengths, loss_cfg)
+        accelerator.backward(res.total)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    med = torch.tensor([statistics.median(times)], device=device)
+    slowest = accelerator.gather(med).max().item()
+    n = accelerator.num_processes
+    sps = n * args.batch / slowest
+    if accelerator.is_main_process:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        row = {"processes": n, "step_s": slowest, "samples_per_s": sps, "device": name,
+               "distributed_type": str(accelerator.distributed_type), "batch_per_process": args.batch,
+               "precision": args.precision}
+        print(json.dumps(row))
+        if args.results:
+            path = Path(args.results)
+            rows = json.loads(path.read_text()) if path.is_file() else []
+            rows = [r for r in rows if r["processes"] != n] + [row]
+            path.write_text(json.dumps(rows, indent=1))
+            base = next((r["samples_per_s"] for r in rows if r["processes"] == 1), None)
+            print("\n| processes | step s | samples/s | efficiency |\n| --- | --- | --- | --- |")
+            for r in sorted(rows, key=lambda r: r["processes"]):
+                eff = f"{r['samples_per_s'] / (r['processes'] * base):.1%}" if base else "n/a (no 1-process run)"
+                print(f"| {r['processes']} | {r['step_s']:.4f} | {r['samples_per_s']:.0f} | {eff} |")
+    accelerator.wait_for_everyone()
+    del model, opt
+    accelerator.free_memory()
+    accelerator.end_training()
+    return 0

@@ -3,6 +3,7 @@
 Meshes are batches sharing one topology: verts (M, V, 3) with faces (F, 3), or faces (M, F, 3).
 """
 from .icosphere import ico_sphere
+from .knn import KNN, knn_gather, knn_points
 from .mesh_losses import mesh_edge_loss, mesh_laplacian_smoothing, mesh_normal_consistency
 from .rotations import euler_angles_to_matrix, matrix_to_euler_angles
 
@@ -10,6 +11,9 @@ __all__ = [
     "ico_sphere",
     "euler_angles_to_matrix",
     "matrix_to_euler_angles",
+    "KNN",
+    "knn_points",
+    "knn_gather",
     "mesh_edge_loss",
     "mesh_normal_consistency",
     "mesh_laplacian_smoothing",

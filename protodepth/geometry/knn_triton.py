@@ -131,7 +131,8 @@ if triton is not None:
         out_base = (s.to(tl.int64) * num_n + n) * P1 * K
         row_ok = q < P1
         bd = tl.where(slot[None, :] < K, best_d, inf)
-        for k in tl.static_range(K):
+        # a runtime loop, not unrolled: unrolling K extraction steps made K=32..128 compile for minutes
+        for k in range(K):
             # ascending (dist, idx) order: smallest distance, then smallest index among equals
             m = tl.min(bd, 1)
             at_m = bd == m[:, None]

@@ -5,6 +5,7 @@ Meshes are batches sharing one topology: verts (M, V, 3) with faces (F, 3), or f
 from .icosphere import ico_sphere
 from .knn import KNN, knn_gather, knn_points
 from .mesh_losses import mesh_edge_loss, mesh_laplacian_smoothing, mesh_normal_consistency
+from .sampling import sample_points_from_meshes
 from .rotations import euler_angles_to_matrix, matrix_to_euler_angles
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "KNN",
     "knn_points",
     "knn_gather",
+    "sample_points_from_meshes",
     "mesh_edge_loss",
     "mesh_normal_consistency",
     "mesh_laplacian_smoothing",

@@ -98,3 +98,23 @@ def check_mesh(verts, faces, check_index_range: bool = True) -> tuple[torch.Tens
         if lo < 0 or hi >= verts.shape[1]:
             raise ValueError(f"faces: vertex indices must lie in [0, {verts.shape[1] - 1}], got range [{lo}, {hi}]")
     return verts, faces
+
+
+_VALIDATED_FACES: dict = {}
+
+
+def check_mesh_cached(verts, faces) -> None:
+    """check_mesh, with the faces' index range checked once per faces tensor (identity, in-place
+    version and vertex count): the trainer passes the same faces every step, and the range check
+    costs a device sync."""
+    import weakref
+
+    check_mesh(verts, faces, check_index_range=False)
+    key = (id(faces), faces._version, verts.shape[1])
+    ref = _VALIDATED_FACES.get(key)
+    if ref is not None and ref() is faces:
+        return
+    check_mesh(verts, faces, check_index_range=True)
+    if len(_VALIDATED_FACES) > 64:
+        _VALIDATED_FACES.clear()
+    _VALIDATED_FACES[key] = weakref.ref(faces)

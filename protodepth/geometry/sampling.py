@@ -1,0 +1,101 @@
+"""Area-weighted uniform point sampling on batches of triangle meshes (PyTorch3D's
+`sample_points_from_meshes`, for meshes given as verts (M, V, 3) + faces (F, 3) or (M, F, 3))."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from ._checks import check_mesh_cached
+
+
+def _face_vertex_index(faces: torch.Tensor, face_idx: torch.Tensor) -> torch.Tensor:
+    """faces (F, 3) or (M, F, 3), face_idx (M, S) -> vertex indices (M, S, 3) of the chosen faces."""
+    if faces.dim() == 2:
+        return faces[face_idx]
+    return faces.gather(1, face_idx[..., None].expand(-1, -1, 3))
+
+
+def _gather_face_verts(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor) -> torch.Tensor:
+    """-> (M, S, 3 corners, 3 coords), differentiable in verts."""
+    m, s = face_idx.shape
+    vi = _face_vertex_index(faces, face_idx).reshape(m, s * 3, 1).expand(-1, -1, 3)
+    return verts.gather(1, vi).reshape(m, s, 3, 3)
+
+
+def points_from_barycentrics(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor,
+                             bary: torch.Tensor) -> torch.Tensor:
+    """Points at barycentric coordinates bary (M, S, 3) of faces face_idx (M, S) -> (M, S, 3).
+
+    w0 * a + w1 * b + w2 * c for face corners (a, b, c); differentiable in verts (and bary).
+    """
+    fv = _gather_face_verts(verts, faces, face_idx)
+    return (bary[..., None] * fv).sum(2)
+
+
+def face_areas(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """verts (M, V, 3), faces (F, 3) or (M, F, 3) -> triangle areas (M, F)."""
+    fv = verts[:, faces] if faces.dim() == 2 else verts.gather(
+        1, faces.reshape(faces.shape[0], -1, 1).expand(-1, -1, 3)).reshape(faces.shape[0], -1, 3, 3)
+    v0, v1, v2 = fv.unbind(2)
+    return 0.5 * torch.linalg.cross(v1 - v0, v2 - v0, dim=-1).norm(dim=-1)
+
+
+def sample_points_from_meshes(
+    verts: torch.Tensor,
+    faces: torch.Tensor,
+    num_samples: int = 10000,
+    return_normals: bool = False,
+    return_face_info: bool = False,
+    generator: Optional[torch.Generator] = None,
+):
+    """Sample num_samples points on each mesh, uniformly by area.
+
+    Faces are drawn with probability proportional to their area (with replacement, torch.multinomial),
+    then a point uniformly inside the face: u, v ~ U(0, 1), barycentrics
+    (1 - sqrt(u), sqrt(u) (1 - v), sqrt(u) v), PyTorch3D's construction. Points are differentiable
+    in verts (face choice and barycentrics are not: they are random draws).
+
+    Args:
+        verts: (M, V, 3) float vertices; faces: (F, 3) shared or (M, F, 3) int64.
+        num_samples: S >= 1 points per mesh.
+        return_normals: also return the unit normal of each point's face, (v1 - v0) x (v2 - v1)
+            normalised (zero-area faces give a zero vector), as PyTorch3D.
+        return_face_info: also return the chosen face indices (M, S) int64 and barycentric
+            weights (M, S, 3), so callers can re-evaluate the same samples on other vertices.
+        generator: torch.Generator on verts' device, for reproducible draws.
+    Returns:
+        points (M, S, 3) alone, or a tuple (points, [normals (M, S, 3)], [face_idx, bary]).
+    """
+    check_mesh_cached(verts, faces)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
+    m = verts.shape[0]
+    if m == 0:
+        raise ValueError("verts: expected at least one mesh, got M = 0")
+    with torch.no_grad():
+        vd = verts.detach()
+        # one sync for both checks: non-finite vertices, and meshes whose faces have no area
+        # (multinomial would fail on them with an unhelpful message)
+        areas = face_areas(vd.float(), faces)  # (M, F), accumulated in fp32 for half inputs
+        total = areas.sum(1)
+        if not bool(torch.isfinite(total).all() & (total > 0).all()):
+            if not bool(torch.isfinite(vd).all()):
+                raise ValueError("verts: contains NaN or Inf")
+            bad = (total <= 0).nonzero().flatten().tolist()[:8]
+            raise ValueError(f"faces: meshes {bad} have zero total area, cannot sample points on them")
+        face_idx = torch.multinomial(areas, num_samples, replacement=True, generator=generator)  # (M, S)
+        uv = torch.rand(2, m, num_samples, dtype=verts.dtype, device=verts.device, generator=generator)
+        u_sqrt = uv[0].sqrt()
+        bary = torch.stack([1.0 - u_sqrt, u_sqrt * (1.0 - uv[1]), u_sqrt * uv[1]], dim=-1)  # (M, S, 3)
+    fv = _gather_face_verts(verts, faces, face_idx)  # (M, S, 3, 3)
+    points = (bary[..., None] * fv).sum(2)
+    out = [points]
+    if return_normals:
+        v0, v1, v2 = fv.unbind(2)
+        n = torch.linalg.cross(v1 - v0, v2 - v1, dim=-1)
+        out.append(n / n.norm(dim=-1, keepdim=True).clamp(min=sys.float_info.epsilon))
+    if return_face_info:
+        out.extend([face_idx, bary])
+    return out[0] if len(out) == 1 else tuple(out)

@@ -2,6 +2,7 @@
 
 Meshes are batches sharing one topology: verts (M, V, 3) with faces (F, 3), or faces (M, F, 3).
 """
+from .chamfer import chamfer_distance
 from .icosphere import ico_sphere
 from .knn import KNN, knn_gather, knn_points
 from .mesh_losses import mesh_edge_loss, mesh_laplacian_smoothing, mesh_normal_consistency
@@ -15,6 +16,7 @@ __all__ = [
     "KNN",
     "knn_points",
     "knn_gather",
+    "chamfer_distance",
     "sample_points_from_meshes",
     "mesh_edge_loss",
     "mesh_normal_consistency",

@@ -258,12 +258,23 @@ def _top_view(target: np.ndarray, pred: np.ndarray, pred_colors: np.ndarray, cam
     canvas = np.array(img)
     tu, tv = to_px(target)
     height_order = target[:, 1]  # seen from above: the highest point wins a pixel
-    splat(canvas, tu, tv, -height_order, np.broadcast_to(TARGET_GREY, target.shape), max(0, radius - 1))
+    splat(canvas, tu, tv, -height_order, np.broadcast_to(TARGET_GREY, target.shape), max(1, radius - 1))
     p = pred.reshape(-1, 3)
     pu, pv = to_px(p)
-    outside = int(np.sum((pu < 0) | (pu >= pw) | (pv < 0) | (pv >= ph)))
-    splat(canvas, pu, pv, -p[:, 1], pred_colors, radius)
-    return canvas, outside, dmax
+    off = ~((pu >= 0) & (pu < pw) & (pv >= 0) & (pv < ph))
+    # off-panel predictions (an untrained model puts slots hundreds of metres away) are pinned to the border
+    # in their direction, so the panel still says where every slot went
+    if off.any():
+        du, dv = pu[off] - cx, pv[off] - base
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tu = np.where(du > 0, (pw - 2 - cx) / du, np.where(du < 0, (1 - cx) / du, np.inf))
+            tv = np.where(dv > 0, (ph - 2 - base) / dv, np.where(dv < 0, (1 - base) / dv, np.inf))
+        t = np.clip(np.minimum(tu, tv), 0, 1)  # along the ray from the camera to the panel's edge
+        pu, pv = pu.copy(), pv.copy()
+        pu[off], pv[off] = cx + t * du, base + t * dv
+        splat(canvas, pu[off], pv[off], np.zeros(int(off.sum())), pred_colors[off], radius + 1)
+    splat(canvas, pu[~off], pv[~off], -p[~off, 1], pred_colors[~off], radius)
+    return canvas, int(off.sum()), dmax
 
 
 def scene_picture(image: Any, target: Any, pred: Any, camera: Camera, title: str = "",
@@ -346,10 +357,12 @@ def scene_picture(image: Any, target: Any, pred: Any, camera: Camera, title: str
 
     panels = {
         "input": (depth_rgb, "input depth (network input, colour bar below)"),
-        "pred": (pred_rgb, f"predicted points: {K} slots x {S}, {in_view:.0%} in view"),
+        "pred": (pred_rgb, f"predicted: {K} slots x {S} points, {in_view:.0%} in view"
+                           + (f", median {np.median(np.linalg.norm(prd.reshape(-1, 3), axis=1)):.0f} m away"
+                              if prd.size else "")),
         "target": (tgt_rgb, f"target cloud: {tgt.shape[0]} points, coloured by depth"),
-        "top": (top_rgb, f"top view, {extent:.3g} m deep: target grey"
-                         + (f", predicted by slot ({outside} off panel)" if outside else ", predicted by slot")),
+        "top": (top_rgb, f"top view, {extent:.3g} m deep, target grey"
+                         + (f"; {outside} pred. beyond: at the edge" if outside else "")),
     }
     boxes = {}
     for i, (key, (arr, cap)) in enumerate(panels.items()):

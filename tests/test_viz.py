@@ -128,6 +128,25 @@ def test_scene_picture_readable_and_points_where_expected(tmp_path):
     assert any((arr.reshape(-1, 3) == viz.colormap(1.0)).all(axis=1))
 
 
+def test_top_view_pins_far_predictions_to_the_edge_in_their_direction():
+    cfg = small_cfg()
+    s = frame(cfg)
+    cam = viz.Camera.for_input(cfg, (NATIVE_H, NATIVE_W))
+    pred = np.zeros((2, 4, 3), np.float32)
+    pred[0] = [900.0, 0.0, -10.0]  # far to the right, nearly level with the camera
+    pred[1] = [-5.0, 0.0, 400.0]  # far behind the camera
+    pic = viz.scene_picture(s["image"], s["cloud"], pred, cam)
+    arr = np.asarray(pic)
+    x, y, pw, ph = pic.info["panels"]["top"]
+    top = arr[y:y + ph, x:x + pw]
+    pal = viz.slot_colors(2)
+    right = (top[:, -6:] == pal[0]).all(axis=-1)
+    bottom = (top[-6:] == pal[1]).all(axis=-1)
+    assert right.any(), "slot 0 (far right) not marked on the right edge"
+    assert bottom.any(), "slot 1 (behind the camera) not marked on the bottom edge"
+    assert np.nonzero(right)[0].mean() > ph / 2  # level with the camera, which sits at the bottom centre
+
+
 def test_scene_picture_rejects_bad_input():
     cfg = small_cfg()
     cam = viz.Camera.for_input(cfg, (NATIVE_H, NATIVE_W))

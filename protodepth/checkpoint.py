@@ -13,9 +13,14 @@ Reading (`find_resume_checkpoint`): a checkpoint is used only if its manifest is
 and every listed file exists with the listed size. `--resume latest` skips a bad one with a warning naming
 what is wrong and falls back to the next older one; an explicit folder that is bad is an error.
 
-Debugging knob: `PROTODEPTH_TEST_SLOW_CHECKPOINT_S=<seconds>` makes `commit` sleep after the files are
-written and before the manifest and rename, widening the window in which a killed process leaves a `.tmp-*`
-folder (tests/test_kill_resume.py kills the trainer inside it).
+Knobs (environment variables):
+- `PROTODEPTH_CHECKPOINT_FSYNC=0` skips flushing the files to disk before the manifest is written (about 0.7 s
+  per 270 MB checkpoint on a test machine). A killed process loses nothing without it (written data is in
+  the page cache); only a power loss or OS crash could then leave a manifest vouching for unwritten data. The
+  tests set it to keep every-step checkpoints cheap.
+- `PROTODEPTH_TEST_SLOW_CHECKPOINT_S=<seconds>` makes `commit` sleep after the files are written and before
+  the manifest and rename, widening the window in which a killed process leaves a `.tmp-*` folder
+  (tests/test_kill_resume.py kills the trainer inside it).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from pathlib import Path
 MANIFEST = "MANIFEST.json"
 TEMP_PREFIX = ".tmp-checkpoint-"
 SLOW_ENV = "PROTODEPTH_TEST_SLOW_CHECKPOINT_S"
+FSYNC_ENV = "PROTODEPTH_CHECKPOINT_FSYNC"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -52,6 +58,8 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
 
 def _fsync_path(path: Path) -> None:
     # a file or a folder (a folder's fsync makes the names in it, e.g. after a rename, durable)
+    if os.environ.get(FSYNC_ENV, "1") == "0":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,7 +83,7 @@ def write_manifest(folder: Path, step: int) -> None:
     with open(tmp, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
         f.flush()
-        os.fsync(f.fileno())
+    _fsync_path(tmp)
     tmp.rename(folder / MANIFEST)
 
 

@@ -1,5 +1,6 @@
 """The training loop in one process: the loss falls, resume is exact, W&B offline logs, errors are clear."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,22 @@ def test_bad_config_value_on_the_command_line_is_one_clear_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: train.mixed_precision")
     assert "Traceback" not in r.stderr
+
+
+def test_bf16_run_tracks_the_fp32_run(tmp_path):
+    common = {"train.max_steps": 6, "train.deterministic": False}
+    fp32 = train(tiny_config(tmp_path / "fp32", **common))
+    bf16 = train(tiny_config(tmp_path / "bf16", **common, **{"train.mixed_precision": "bf16"}))
+    assert bf16["mixed_precision"] == "bf16"
+    for (s1, l1), (s2, l2) in zip(fp32["history"], bf16["history"]):
+        assert s1 == s2
+        assert abs(l1 - l2) <= 0.05 * abs(l1), (fp32["history"], bf16["history"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a grad scaler needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_trains_on_gpu(tmp_path, precision):
+    s = train(tiny_config(tmp_path, **{"train.max_steps": 20, "train.log_every": 5, "train.mixed_precision": precision}))
+    losses = [l for _, l in s["history"]]
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]

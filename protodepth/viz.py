@@ -581,7 +581,7 @@ def snapshot(out_dir: str | os.PathLike, step: int, batch: dict, scene: Any, pre
         path = paths[i] if i < len(paths) else None
         cam = Camera.for_input(data_cfg, native_hw_of(path, data_cfg))
         tgt = cl[i, : int(ln[i])]
-        name = Path(path).name if path else f"image {i}"
+        name = "/".join(Path(path).parts[-3:]) if path else f"image {i}"  # SEQ/DepthLeft/frame: unique in SYNTHIA
         title = f"step {int(step)}{loss_txt}  |  {name}"
         pic = scene_picture(img[i], tgt, pp[i], cam, title, depth_scale=float(data_cfg.depth_scale))
         p = folder / f"image_{i}.png"

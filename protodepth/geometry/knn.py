@@ -92,9 +92,10 @@ def _block_dists(q: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, norm: int
 
 
 def _search(p1, p2, lengths1, lengths2, K: int, norm: int) -> torch.Tensor:
-    """Indices (N, P1, K) of the K nearest valid candidates (by ranking distance), no gradient.
+    """Indices (N, P1, K) of the K nearest valid candidates (by ranking distance), unsorted, no gradient.
 
-    Entries for k >= lengths2 are arbitrary here (they hold +inf candidates); the caller pads them.
+    Where lengths2 < K the extra slots hold -1 or padded candidates (index >= lengths2); the
+    caller sorts them last and pads them.
     """
     n, P1, D = p1.shape
     P2 = p2.shape[1]
@@ -110,7 +111,8 @@ def _search(p1, p2, lengths1, lengths2, K: int, norm: int) -> torch.Tensor:
         c_sq_all = torch.where(valid2, (c_all * c_all).sum(-1), inf)
     else:
         c_sq_all = torch.where(valid2, torch.zeros((), dtype=p2.dtype, device=p2.device), inf)
-    idx_out = torch.zeros((n, P1, K), dtype=torch.int64, device=p1.device)
+    # -1 marks slots that found no candidate (fewer than K points); _knn_forward pads them
+    idx_out = torch.full((n, P1, K), -1, dtype=torch.int64, device=p1.device)
     if not p1.is_cuda and D <= _PRUNE_MAX_DIM and P1 * P2 > _PRUNE_MIN_PAIRS:
         l1s, l2s = lengths1.tolist(), lengths2.tolist()
         for s in range(n):
@@ -290,15 +292,19 @@ def _knn_forward(p1, p2, lengths1, lengths2, K: int, norm: int, return_sorted: b
         return (torch.zeros((n, P1, K), dtype=ct, device=p1.device),
                 torch.zeros((n, P1, K), dtype=torch.int64, device=p1.device))
     idx = _search(a, b, lengths1, lengths2, K, norm)
+    invalid = (idx < 0) | (idx >= lengths2[:, None, None])
+    idx = idx.clamp_min(0)
+    dists = _exact_dists(a, b, idx, norm)
+    if K > 1:
+        # blocks merge with unsorted top-K, and where lengths2 < K some slots hold padded
+        # candidates: sort by exact distance with those last. Sorting even when return_sorted is
+        # False keeps the padding rule (valid neighbours in the first lengths2 slots) simple.
+        dists, order = dists.masked_fill(invalid, float("inf")).sort(dim=2, stable=True)
+        idx = idx.gather(2, order)
     ks = torch.arange(K, device=p1.device)
     pad = (ks[None, None, :] >= lengths2[:, None, None]) | (
         torch.arange(P1, device=p1.device)[None, :, None] >= lengths1[:, None, None])  # (N, P1, K)
     idx = idx.masked_fill(pad, 0)
-    dists = _exact_dists(a, b, idx, norm)
-    if K > 1 and return_sorted:
-        # the exact distances may reorder near-ties of the ranking distances; padded slots stay last
-        dists, order = dists.masked_fill(pad, float("inf")).sort(dim=2, stable=True)
-        idx = idx.gather(2, order)
     dists = dists.masked_fill(pad, 0.0)
     return dists, idx
 

@@ -29,8 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SYNTHIA_FOCAL = 847.630211643  # px at SYNTHIA's native 1920 x 1080 (kept in step with protodepth.data.config)
-SYNTHIA_NATIVE_HW = (1080, 1920)
+SYNTHIA_NATIVE_HW = (1080, 1920)  # frame size when a frame's own can't be read (its PNG moved or was cached)
 
 TARGET_GREY = np.array([170, 170, 170], dtype=np.uint8)  # target points next to slot-coloured predictions
 
@@ -138,18 +137,13 @@ class Camera:
         h0, w0 = (int(x) for x in native_hw)
         if h0 < 1 or w0 < 1:
             raise ValueError(f"native_hw: expected positive (height, width), got {native_hw}")
-        focal = float(data_cfg.focal) if data_cfg.focal is not None else SYNTHIA_FOCAL * w0 / SYNTHIA_NATIVE_HW[1]
+        focal = float(data_cfg.focal_for(w0))  # the data layer's rule: data.focal, or SYNTHIA's scaled by W0
         if getattr(data_cfg, "keep_aspect", False):
             s = min(h_in / h0, w_in / w0)
             sx = sy = s
         else:
             sx, sy = w_in / w0, h_in / h0
         return cls(focal * sx, focal * sy, w_in / 2.0, h_in / 2.0, w_in, h_in)
-
-    def scaled(self, factor: float) -> "Camera":
-        """The same camera for the image resized by `factor` (both axes)."""
-        return Camera(self.fx * factor, self.fy * factor, self.cx * factor, self.cy * factor,
-                      round(self.width * factor), round(self.height * factor))
 
     def project(self, points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """points (N, 3) camera frame -> (u (N,), v (N,), depth d = -Z (N,)), pixel coordinates as floats.

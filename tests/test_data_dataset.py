@@ -180,3 +180,11 @@ def test_render_window_is_conservative(monkeypatch):
     for i, got in enumerate(fast):
         want = syn.render_scene(np.random.default_rng([0, i]), 60, 80, 35.3)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_single_channel_images(tmp_path):
+    cfg3 = small_cfg(tmp_path / "syn")
+    cfg1 = small_cfg(tmp_path / "syn", image_channels=1)
+    a, b = build_datasets(cfg3, seed=0, progress=False)[0][0], build_datasets(cfg1, seed=0, progress=False)[0][0]
+    assert a["image"].shape == (3, 24, 32) and b["image"].shape == (1, 24, 32)
+    assert torch.equal(a["image"], b["image"].expand(3, -1, -1)) and torch.equal(a["cloud"], b["cloud"])

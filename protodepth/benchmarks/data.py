@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--points-per-bin", type=int, default=4000)
     p.add_argument("--pool-per-bin", type=int, default=0, help="data.pool_per_bin of both paths (default 0: all points)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-channels", type=int, default=3, choices=[1, 3],
+                   help="data.image_channels: 3 (default, the trainer's contract) or 1 (a third of the image bytes)")
     p.add_argument("--workers", default=None,
                    help="comma-separated worker counts (default: those of 0,1,2,4,8,16 not above the CPU count)")
     p.add_argument("--paths", default="png,cache", help="which paths to measure: png, cache or both")
@@ -85,7 +87,7 @@ def main(argv: list[str]) -> int:
     common = dict(source="synthetic", root=os.path.join(base, "frames"), height=a.input[0], width=a.input[1],
                   num_bins=a.num_bins, points_per_bin=a.points_per_bin, pool_per_bin=a.pool_per_bin,
                   synthetic_num_scenes=a.frames, synthetic_sequences=1, synthetic_height=fh, synthetic_width=fw,
-                  val_fraction=0.0)
+                  val_fraction=0.0, image_channels=a.image_channels)
     cfgs = {"png": DataConfig(**common),
             "cache": DataConfig(**common, format="cache", cache_dir=os.path.join(base, f"cache-{a.input[0]}x{a.input[1]}"))}
     t = time.perf_counter()
@@ -101,7 +103,8 @@ def main(argv: list[str]) -> int:
     except (OSError, StopIteration):
         pass
     print(f"\nCPU: {cpu}, {cpus} cores visible; torch {torch.__version__}; {a.frames} frames of {fh}x{fw} -> "
-          f"{a.input[0]}x{a.input[1]} input, {a.num_bins} bins x {a.points_per_bin} points, batch {a.batch_size}, "
+          f"{a.image_channels}x{a.input[0]}x{a.input[1]} input, {a.num_bins} bins x {a.points_per_bin} points, "
+          f"batch {a.batch_size}, "
           f"pin_memory {pin}, median of {a.repeats} x {a.seconds:g} s\n")
     rows = ["| path | workers | samples/s | first batch (s) |", "| --- | ---: | ---: | ---: |"]
     print("\n".join(rows), flush=True)

@@ -198,7 +198,7 @@ class CachedDepthDataset(DepthDataset):
         off = self.cache.offsets[f]
         idx = draw_indices(np.diff(off), self.cfg.points_per_bin, sample_rng(self.seed, epoch, self.cache.keys[f]))
         cloud = torch.from_numpy(maps["points"][idx + off[0]])
-        image = gray_to_rgb(maps["images"][f])
+        image = gray_to_rgb(maps["images"][f], self.cfg.image_channels)
         return {"image": image, "cloud": cloud, "path": self._describe(j)}
 
 

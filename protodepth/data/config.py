@@ -37,6 +37,9 @@ class DataConfig:
     # Location of the preprocessed form; None derives data_cache/prepared/<root name>-<hash of the config>.
     cache_dir: str | None = None
     cache_dtype: str = "float32"  # storage of network inputs in the cache; float16 halves it (abs err <= 5e-4)
+    # 3: the input repeated to 3 channels (ResNet's stem); 1: a single channel, a third of the bytes each batch
+    # moves from DataLoader workers to the GPU (the model must then repeat it to 3 channels on the device)
+    image_channels: int = 3
     height: int = 480  # network input size (the original resized every frame to 640x480)
     width: int = 640
     keep_aspect: bool = False  # True: fit the frame inside height x width without distortion, zero-pad the rest
@@ -67,6 +70,8 @@ class DataConfig:
             _fail("format", f"got {self.format!r}", f"use one of {', '.join(map(repr, FORMATS))}")
         if self.cache_dtype not in CACHE_DTYPES:
             _fail("cache_dtype", f"got {self.cache_dtype!r}", f"use one of {', '.join(map(repr, CACHE_DTYPES))}")
+        if self.image_channels not in (1, 3):
+            _fail("image_channels", f"got {self.image_channels!r}", "use 3 (repeated channel) or 1 (single channel)")
         if self.source == "synthia" and not self.root:
             _fail("root", "is required when data.source is 'synthia'",
                   "set it to the SYNTHIA-SF folder (holding SEQ*/DepthLeft/*.png) or to one DepthLeft folder")

@@ -1,9 +1,9 @@
 """Datasets of depth samples, the collate function, and `build_datasets` (the trainer's entry point).
 
-A sample is `{"image": (3, H, W) float32, "cloud": (N_i, 3) float32, "path": str}`. The random choice of at
-most `points_per_bin` points per Z bin is redrawn every epoch from a generator seeded by (seed, epoch, frame)
-only, never by worker RNG state, so the same seed gives the same batches with any number of DataLoader workers
-and after a resume. The PNG path (`PngDepthDataset`) and the preprocessed path (`CachedDepthDataset`) see the
+A sample is `{"image": (C, H, W) float32, "cloud": (N_i, 3) float32, "path": str}` with C = data.image_channels
+(3 by default). The random choice of at most `points_per_bin` points per Z bin is redrawn every epoch from a
+generator seeded by (seed, epoch, frame) only, never by worker RNG state, so the same seed gives the same
+batches with any number of DataLoader workers and after a resume. The PNG path (`PngDepthDataset`) and the preprocessed path (`CachedDepthDataset`) see the
 same bin-sorted point lists and draw the same indices, so they return the same samples.
 """
 from __future__ import annotations
@@ -55,10 +55,10 @@ def split_indices(sequences: list[str], cfg: DataConfig) -> tuple[list[int], lis
 
 # ------------------------------------------------------------------------------------------------ datasets
 
-def gray_to_rgb(image: np.ndarray) -> torch.Tensor:
-    """(H, W) network input -> (3, H, W) float32 tensor, the channel repeated (ResNet expects 3 channels).
+def gray_to_rgb(image: np.ndarray, channels: int = 3) -> torch.Tensor:
+    """(H, W) network input -> (C, H, W) float32 tensor, the channel repeated C times (C = 3 for ResNet, or 1).
     A numpy copy: torch's threaded copy of an expanded view was 50x slower on a busy machine."""
-    out = np.empty((3,) + image.shape, dtype=np.float32)
+    out = np.empty((channels,) + image.shape, dtype=np.float32)
     out[:] = image
     return torch.from_numpy(out)
 
@@ -139,14 +139,15 @@ class PngDepthDataset(DepthDataset):
         fr = self.frames[j]
         p = process_depth(read_depth_png(fr.path), self.cfg, fr.rel, fr.path)
         idx = draw_indices(p.counts, self.cfg.points_per_bin, sample_rng(self.seed, epoch, frame_key(fr.rel)))
-        return {"image": gray_to_rgb(p.image[0]), "cloud": torch.from_numpy(p.take(idx)), "path": fr.path}
+        return {"image": gray_to_rgb(p.image[0], self.cfg.image_channels), "cloud": torch.from_numpy(p.take(idx)),
+                "path": fr.path}
 
 
 # ------------------------------------------------------------------------------------------------- collate
 
 def collate_depth(samples: list[dict]) -> dict:
-    """Samples -> batch: image (B, 3, H, W) float32, cloud (B, N_max, 3) float32 zero-padded past each
-    cloud's length, lengths (B,) int64, paths list[str] of B."""
+    """Samples -> batch: image (B, C, H, W) float32 (C = data.image_channels), cloud (B, N_max, 3) float32
+    zero-padded past each cloud's length, lengths (B,) int64, paths list[str] of B."""
     if not samples:
         raise ValueError("collate_depth: got an empty list of samples")
     # numpy copies: single-threaded memcpy, which is what a DataLoader worker runs anyway; torch's threaded

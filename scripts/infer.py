@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,6 +242,24 @@ def out_name(rel: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ run
 
+def write_one(job: dict, out: Path, cfg, ckpt_name: str, faces, picture: bool) -> dict:
+    """Write one image's scene mesh (and picture); return its metrics row. job: name, rel, path, p2t, t2p,
+    target_points, slot_verts (K, V, 3), image (3, H, W), cloud (N, 3), pred (K, S, 3), native_hw."""
+    from protodepth import viz
+
+    row = {"name": job["name"], "path": job["path"], "chamfer": job["p2t"] + job["t2p"], "pred_to_target": job["p2t"],
+           "target_to_pred": job["t2p"], "target_points": job["target_points"]}
+    pal = viz.slot_colors(job["slot_verts"].shape[0])
+    viz.write_ply(out / "scenes" / f"{job['name']}.ply", job["slot_verts"], faces, pal)
+    if picture:
+        cam = viz.Camera.for_input(cfg.data, job["native_hw"])
+        title = f"{job['rel']}  |  chamfer {row['chamfer']:.4g} m^2  |  {ckpt_name}"
+        pic = viz.scene_picture(job["image"], job["cloud"], job["pred"], cam, title,
+                                depth_scale=float(cfg.data.depth_scale))
+        pic.save(out / "pictures" / f"{job['name']}.png", compress_level=1)
+    return row
+
+
 def run(args: argparse.Namespace) -> dict:
     """The whole inference; returns what metrics.json holds. Raises InferError (or a protodepth user error)."""
     folder = resolve_checkpoint(Path(args.checkpoint))  # before the heavy imports: a typo fails in a second
@@ -249,7 +268,6 @@ def run(args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from protodepth import viz
     from protodepth.geometry import chamfer_distance, sample_points_from_meshes
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -268,14 +286,17 @@ def run(args: argparse.Namespace) -> dict:
                         shuffle=False, num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[dict] = []
-    pal = viz.slot_colors(K)
     bar = tqdm(total=len(frames), desc="infer", unit="img", dynamic_ncols=True)
+    # meshes and pictures are written by threads (numpy, zlib and file I/O release the GIL)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    futures: list = []
+    faces_cpu = faces.cpu()
     try:  # the bar is closed on errors too, so the error line stands on its own
         for batch in loader:
             for msg in batch["bad"]:
                 skipped.append(msg)
                 warnings.warn(f"skipping: {msg}", RuntimeWarning, stacklevel=2)
-            bar.update(len(batch["bad"]))
+            bar.update(len(batch["bad"]))  # (bad ones count as done at once)
             if batch["image"] is None:
                 continue
             image = batch["image"].to(device, non_blocking=True)
@@ -296,21 +317,23 @@ def run(args: argparse.Namespace) -> dict:
             p2t, t2p = p2t.float().cpu().tolist(), t2p.float().cpu().tolist()
             slot_verts, pred_cpu = scene.slot_verts.float().cpu(), pred.float().cpu()
             for b in range(B):
-                name = out_name(batch["rels"][b])
-                row = {"name": name, "path": batch["paths"][b], "chamfer": p2t[b] + t2p[b], "pred_to_target": p2t[b],
-                       "target_to_pred": t2p[b], "target_points": int(batch["lengths"][b])}
-                viz.write_ply(out / "scenes" / f"{name}.ply", slot_verts[b], faces.cpu(), pal)
-                if not args.no_pictures:
-                    cam = viz.Camera.for_input(cfg.data, batch["native_hw"][b])
-                    n = int(batch["lengths"][b])
-                    title = f"{batch['rels'][b]}  |  chamfer {row['chamfer']:.4g} m^2  |  {folder.name}"
-                    pic = viz.scene_picture(batch["image"][b], batch["cloud"][b, :n], pred_cpu[b], cam, title,
-                                            depth_scale=float(cfg.data.depth_scale))
-                    pic.save(out / "pictures" / f"{name}.png")
-                rows.append(row)
-            bar.update(B)
-            bar.set_postfix(chamfer=f"{sum(r['chamfer'] for r in rows) / len(rows):.4g}", refresh=False)
+                n = int(batch["lengths"][b])
+                job = {"name": out_name(batch["rels"][b]), "rel": batch["rels"][b], "path": batch["paths"][b],
+                       "p2t": p2t[b], "t2p": t2p[b], "target_points": n, "slot_verts": slot_verts[b],
+                       "image": batch["image"][b], "cloud": batch["cloud"][b, :n], "pred": pred_cpu[b],
+                       "native_hw": batch["native_hw"][b]}
+                futures.append(pool.submit(write_one, job, out, cfg, folder.name, faces_cpu, not args.no_pictures))
+            # writing batch i overlaps the forward pass of batch i + 1; collect what has been queued before
+            while len(futures) > 2 * B:
+                rows.append(futures.pop(0).result())
+                bar.update(1)
+            if rows:
+                bar.set_postfix(chamfer=f"{sum(r['chamfer'] for r in rows) / len(rows):.4g}", refresh=False)
+        for f in futures:
+            rows.append(f.result())
+            bar.update(1)
     finally:
+        pool.shutdown(wait=True)
         bar.close()
     if not rows:
         raise InferError("--input: every depth PNG was skipped; nothing to evaluate")

@@ -325,7 +325,9 @@ def _knn_forward(p1, p2, lengths1, lengths2, K: int, norm: int, return_sorted: b
 class _KnnPointsTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p1, p2, lengths1, lengths2, K, norm, return_sorted):
-        dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, return_sorted)
+        # autocast would run the ranking matmul in bf16/fp16, far too coarse to rank neighbours
+        with torch.autocast(device_type=p1.device.type, enabled=False):
+            dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, return_sorted)
         ctx.save_for_backward(p1, p2, lengths1, lengths2, idx)
         ctx.norm = norm
         ctx.mark_non_differentiable(idx)
@@ -333,6 +335,11 @@ class _KnnPointsTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_dists, grad_idx):
+        with torch.autocast(device_type=grad_dists.device.type, enabled=False):
+            return _KnnPointsTorch._backward(ctx, grad_dists)
+
+    @staticmethod
+    def _backward(ctx, grad_dists):
         p1, p2, lengths1, lengths2, idx = ctx.saved_tensors
         n, P1, K = idx.shape
         ct = _compute_dtype(p1.dtype)

@@ -6,8 +6,8 @@ from .chamfer import chamfer_distance
 from .icosphere import ico_sphere
 from .knn import KNN, knn_gather, knn_points
 from .mesh_losses import mesh_edge_loss, mesh_laplacian_smoothing, mesh_normal_consistency
-from .sampling import sample_points_from_meshes
 from .rotations import euler_angles_to_matrix, matrix_to_euler_angles
+from .sampling import points_from_barycentrics, sample_points_from_meshes
 
 __all__ = [
     "ico_sphere",
@@ -18,6 +18,7 @@ __all__ = [
     "knn_gather",
     "chamfer_distance",
     "sample_points_from_meshes",
+    "points_from_barycentrics",
     "mesh_edge_loss",
     "mesh_normal_consistency",
     "mesh_laplacian_smoothing",

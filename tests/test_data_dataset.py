@@ -23,8 +23,9 @@ def small_cfg(root, **kw) -> DataConfig:
 
 
 def test_collate_pads_and_reports_lengths():
-    samples = [{"image": torch.full((3, 4, 5), float(i)), "cloud": torch.arange(n * 3, dtype=torch.float32).view(n, 3) + 1,
-                "path": f"p{i}"} for i, n in enumerate([2, 5, 1])]
+    samples = [{"image": torch.full((3, 4, 5), float(i)),
+                "cloud": torch.arange(n * 3, dtype=torch.float32).view(n, 3) + 1, "path": f"p{i}"}
+               for i, n in enumerate([2, 5, 1])]
     b = collate_depth(samples)
     assert b["image"].shape == (3, 3, 4, 5) and b["cloud"].shape == (3, 5, 3)
     assert b["lengths"].tolist() == [2, 5, 1] and b["lengths"].dtype == torch.int64

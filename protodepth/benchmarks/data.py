@@ -41,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--input", type=_size, default=(240, 320), help="network input HxW (default 240x320)")
     p.add_argument("--num-bins", type=int, default=5)
     p.add_argument("--points-per-bin", type=int, default=4000)
-    p.add_argument("--pool-per-bin", type=int, default=0, help="data.pool_per_bin of both paths (default 0: all points)")
+    p.add_argument("--pool-per-bin", type=int, default=0,
+                   help="data.pool_per_bin of both paths (default 0: all points)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-channels", type=int, default=3, choices=[1, 3],
                    help="data.image_channels: 3 (default, the trainer's contract) or 1 (a third of the image bytes)")
@@ -89,7 +90,8 @@ def main(argv: list[str]) -> int:
                   synthetic_num_scenes=a.frames, synthetic_sequences=1, synthetic_height=fh, synthetic_width=fw,
                   val_fraction=0.0, image_channels=a.image_channels)
     cfgs = {"png": DataConfig(**common),
-            "cache": DataConfig(**common, format="cache", cache_dir=os.path.join(base, f"cache-{a.input[0]}x{a.input[1]}"))}
+            "cache": DataConfig(**common, format="cache",
+                                cache_dir=os.path.join(base, f"cache-{a.input[0]}x{a.input[1]}"))}
     t = time.perf_counter()
     ensure_synthetic(cfgs["png"])
     if "cache" in paths:

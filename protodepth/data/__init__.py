@@ -12,7 +12,8 @@ from protodepth.data.synthia import (BadFrameError, backproject, decode_depth_rg
 
 __all__ = [
     "DataConfig", "build_datasets", "collate_depth", "DepthDataset", "PngDepthDataset", "CachedDepthDataset",
-    "DepthCache", "build_cache", "open_cache", "prepare_cache", "split_indices", "ensure_synthetic", "generate_synthetic",
+    "DepthCache", "build_cache", "open_cache", "prepare_cache", "split_indices", "ensure_synthetic",
+    "generate_synthetic",
     "render_scene", "BadFrameError", "backproject", "decode_depth_rgb", "encode_depth_rgb", "list_frames",
     "process_depth", "read_depth_png", "write_depth_png",
 ]

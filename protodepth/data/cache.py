@@ -54,8 +54,8 @@ def build_cache(cfg: DataConfig, root: str, out_dir: str, workers: int = 0, prog
     """Convert every depth PNG under `root` into a cache folder at `out_dir` (replaced atomically when done).
 
     `workers` > 0 decodes frames in that many processes. `source_meta` (the synthetic generator's metadata)
-    is stored so a cache of regenerated scenes is recognised as stale. Bad frames raise `BadFrameError` naming the file, or
-    with cfg.skip_bad_frames are left out with one warning and a count. Returns the manifest."""
+    is stored so a cache of regenerated scenes is recognised as stale. Bad frames raise `BadFrameError` naming
+    the file, or with cfg.skip_bad_frames are left out with one warning and a count. Returns the manifest."""
     frames = scan_frames(list_frames(root), cfg.skip_bad_frames)
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,8 +110,8 @@ def read_manifest(cache_dir: str) -> dict:
         with open(path) as f:
             m = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"preprocessed data {path}: not found; build it with "
-                                "`python scripts/prepare_data.py --config <your config>` or use data.format=png") from None
+        raise FileNotFoundError(f"preprocessed data {path}: not found; build it with `python scripts/prepare_data.py "
+                                "--config <your config>` or use data.format=png") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"preprocessed data {path}: manifest is not valid JSON ({e}); rebuild it with "
                          "scripts/prepare_data.py") from None
@@ -240,5 +240,6 @@ def prepare_cache(cfg: DataConfig, workers: int = 0, progress: bool = True) -> t
     return cache_dir, manifest
 
 
-__all__ = ["prepare_cache", "build_cache", "open_cache", "DepthCache", "CachedDepthDataset", "read_manifest", "check_manifest",
+__all__ = ["prepare_cache", "build_cache", "open_cache", "DepthCache", "CachedDepthDataset", "read_manifest",
+           "check_manifest",
            "Frame"]

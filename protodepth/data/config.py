@@ -104,8 +104,9 @@ class DataConfig:
         if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
             _fail("val_fraction", f"got {self.val_fraction!r}", "use a number in [0, 1); 0 means no validation split")
         if self.val_sequences is not None:
-            if not isinstance(self.val_sequences, list) or not all(isinstance(s, str) and s for s in self.val_sequences):
-                _fail("val_sequences", f"got {self.val_sequences!r}", "give a list of sequence folder names, e.g. [SEQ6]")
+            seqs = self.val_sequences
+            if not isinstance(seqs, list) or not all(isinstance(s, str) and s for s in seqs):
+                _fail("val_sequences", f"got {seqs!r}", "give a list of sequence folder names, e.g. [SEQ6]")
 
     # ------------------------------------------------------------------------------------------ derived
 

@@ -12,7 +12,7 @@ from protodepth.data import DataConfig, build_datasets, collate_depth
 from protodepth.data.cache import build_cache, open_cache
 from protodepth.data.dataset import split_indices
 from protodepth.data.synthetic import META_NAME, ensure_synthetic, render_scene, scene_layout
-from protodepth.data.synthia import ENCODING_STEP, list_frames, read_depth_png
+from protodepth.data.synthia import ENCODING_STEP, BadFrameError, list_frames, read_depth_png
 
 
 def small_cfg(root, **kw) -> DataConfig:
@@ -189,3 +189,18 @@ def test_single_channel_images(tmp_path):
     a, b = build_datasets(cfg3, seed=0, progress=False)[0][0], build_datasets(cfg1, seed=0, progress=False)[0][0]
     assert a["image"].shape == (3, 24, 32) and b["image"].shape == (1, 24, 32)
     assert torch.equal(a["image"], b["image"].expand(3, -1, -1)) and torch.equal(a["cloud"], b["cloud"])
+
+
+def test_cache_build_skips_or_names_bad_frames(tmp_path):
+    root = ensure_synthetic(small_cfg(tmp_path / "syn"), progress=False)
+    bad = os.path.join(root, "SEQ2", "DepthLeft", "000001.png")
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) // 2)
+    cfg = small_cfg(root, source="synthia")
+    with pytest.raises(BadFrameError, match="000001.png"):
+        build_cache(cfg, root, str(tmp_path / "c1"), progress=False)
+    assert not os.path.exists(tmp_path / "c1")  # nothing half-written is left behind
+    cfg = small_cfg(root, source="synthia", skip_bad_frames=True)
+    with pytest.warns(RuntimeWarning, match="left 1 of 8"):
+        m = build_cache(cfg, root, str(tmp_path / "c2"), progress=False)
+    assert m["skipped"] == ["SEQ2/DepthLeft/000001.png"] and len(m["frames"]) == 7

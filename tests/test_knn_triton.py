@@ -91,12 +91,16 @@ _INTERP_SCRIPT = textwrap.dedent(
     l1 = torch.tensor([37, 20]); l2 = torch.tensor([53, 4])
     for dtype in (torch.float32, torch.bfloat16):
         for D in ((2, 3) if dtype == torch.float32 else (3,)):
-            for K in (1, 3, 5):
-                for splits in ((1, 3) if dtype == torch.float32 else (1,)):
+            for K in ((1, 3, 5) if D == 3 else (1, 3)):
+                modes = ("sorted", 1, 3) if (dtype == torch.float32 and D == 3) else ("sorted", 3)
+                for mode in modes:
                     p1 = torch.randn(2, 37, D).to(dtype); p2 = torch.randn(2, 53, D).to(dtype)
-                    d, i = knn_points_triton(p1, p2, l1, l2, K=K, splits=splits)
+                    if mode == "sorted":
+                        d, i = knn_points_triton(p1, p2, l1, l2, K=K, spatial_sort=True)
+                    else:
+                        d, i = knn_points_triton(p1, p2, l1, l2, K=K, splits=mode, spatial_sort=False)
                     rd, ri = dense_knn_reference(p1, p2, l1, l2, K)
-                    out[f"fwd/{str(dtype)[6:]}/D{D}/K{K}/S{splits}"] = dict(
+                    out[f"fwd/{str(dtype)[6:]}/D{D}/K{K}/{mode}"] = dict(
                         dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
                         max_abs=float((d.double() - rd).abs().max()),
                         max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-6)).max()))
@@ -105,7 +109,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     a1 = torch.tensor([21, 0, 7]); a2 = torch.tensor([9, 5, 0])
     for K in (12, 33):
         for norm in (1, 2):
-            d, i = knn_points_triton(p1, p2, a1, a2, K=K, norm=norm)
+            d, i = knn_points_triton(p1, p2, a1, a2, K=K, norm=norm, spatial_sort=(K == 12))
             rd, ri = dense_knn_reference(p1, p2, a1, a2, K, norm)
             out[f"pad/K{K}/n{norm}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
                                            max_abs=float((d.double() - rd).abs().max()), max_rel=0.0)
@@ -117,10 +121,21 @@ _INTERP_SCRIPT = textwrap.dedent(
     # exact ties: duplicated candidates must resolve to the lower index
     q = torch.randn(1, 8, 3); c = torch.randn(1, 6, 3); c = torch.cat([c, c], 1)
     ln = lambda n: torch.tensor([n])
-    d, i = knn_points_triton(q, c, ln(8), ln(12), K=4, splits=2)
-    rd, ri = dense_knn_reference(q, c, ln(8), ln(12), 4)
-    out["ties"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
-                       max_abs=float((d.double() - rd).abs().max()), max_rel=0.0)
+    for K, kw in ((4, dict(splits=2, spatial_sort=False)), (4, dict(spatial_sort=True)), (1, dict(spatial_sort=True))):
+        d, i = knn_points_triton(q, c, ln(8), ln(12), K=K, **kw)
+        rd, ri = dense_knn_reference(q, c, ln(8), ln(12), K)
+        out[f"ties/K{K}/{len(kw)}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
+                                          max_abs=float((d.double() - rd).abs().max()), max_rel=0.0)
+    # clustered clouds far from the origin, many candidate tiles: the pruned walk must still be exact
+    base = torch.randn(1, 1, 3) * 100.0
+    p1 = base + 0.01 * torch.rand(2, 50, 3); p2 = base + 0.01 * torch.rand(2, 200, 3)
+    b1 = torch.tensor([50, 37]); b2 = torch.tensor([200, 141])
+    for K in (1, 3):
+        d, i = knn_points_triton(p1, p2, b1, b2, K=K, spatial_sort=True)
+        rd, ri = dense_knn_reference(p1, p2, b1, b2, K)
+        out[f"pad/far/K{K}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
+                                   max_abs=float((d.double() - rd).abs().max()),
+                                   max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-12)).max()))
     # backward against autograd of the chosen pairs, float32 and bf16, twice for determinism
     for dtype, norm, K in ((torch.float32, 2, 1), (torch.float32, 2, 3), (torch.float32, 1, 5), (torch.bfloat16, 2, 3)):
         if True:
@@ -128,7 +143,7 @@ _INTERP_SCRIPT = textwrap.dedent(
             grads = []
             for _ in range(2):
                 a = p1.clone().requires_grad_(); b = p2.clone().requires_grad_()
-                d, i = knn_points_triton(a, b, l1, torch.tensor([11, 4]), K=K, norm=norm)
+                d, i = knn_points_triton(a, b, l1, torch.tensor([11, 4]), K=K, norm=norm, spatial_sort=(K != 1))
                 w = torch.linspace(-1, 2, d.numel()).reshape(d.shape)
                 (d * w).sum().backward()
                 grads.append((a.grad.clone(), b.grad.clone()))
@@ -162,13 +177,14 @@ def interp_report():
 @needs_triton
 def test_interpreter_forward_matches_dense_reference(interp_report):
     fwd = {k: v for k, v in interp_report.items() if k.startswith(("fwd/", "pad/", "ties"))}
-    assert len(fwd) >= 20
+    assert len(fwd) >= 25
     for name, r in fwd.items():
         assert r["dtype"] == "torch.float32", name  # half inputs return fp32 distances
         assert r["idx_equal"], f"{name}: indices differ from the dense reference"
         # fp32 direct form vs float64 reference on the same (possibly half-rounded) inputs
         assert r["max_abs"] < 1e-5, f"{name}: {r}"
-        assert r["max_rel"] < 1e-5, f"{name}: {r}"
+        if "far" not in name:  # 100 m from the origin, 1 cm apart: fp32 inputs themselves carry ~1e-3 relative
+            assert r["max_rel"] < 1e-5, f"{name}: {r}"
 
 
 @needs_triton
@@ -235,46 +251,44 @@ def _assert_knn_close(d, i, p1, p2, l1, l2, K, norm=2, rel=1e-5):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("K", [1, 3, 8, 32, 70])
-@pytest.mark.parametrize("D", [3, 2, 5])
+@pytest.mark.parametrize("K,D", [(1, 3), (3, 3), (32, 3), (70, 3), (3, 2)])
 def test_cuda_forward_random_with_lengths(K, D):
     from protodepth.geometry.knn_triton import knn_points_triton
 
     p1, p2, l1, l2 = _random_case(4, 300, 500, D, torch.float32, seed=K * 10 + D)
     l2[1] = min(K // 2 + 1, 500)  # K > lengths2 in one cloud
-    for splits in (None, 1, 3):
-        d, i = knn_points_triton(p1, p2, l1, l2, K=K, splits=splits)
+    for kw in (dict(spatial_sort=True), dict(spatial_sort=False, splits=3), dict(spatial_sort=False, splits=1)):
+        d, i = knn_points_triton(p1, p2, l1, l2, K=K, **kw)
         _assert_knn_close(d, i, p1, p2, l1, l2, K)
 
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("dtype,norm", [(torch.float16, 2), (torch.bfloat16, 2), (torch.float64, 2), (torch.bfloat16, 1)])
 def test_cuda_half_and_double_inputs(dtype, norm):
     from protodepth.geometry.knn_triton import knn_points_triton
 
     p1, p2, l1, l2 = _random_case(3, 700, 900, 3, dtype, seed=7 + norm)
-    for K in (1, 3, 16):
+    for K in (1, 16):
         d, i = knn_points_triton(p1, p2, l1, l2, K=K, norm=norm)
         _assert_knn_close(d, i, p1, p2, l1, l2, K, norm)
 
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_large_split_path_matches_reference():
+def test_cuda_large_inputs_both_paths_match_reference():
     from protodepth.geometry.knn_triton import knn_points_triton
 
     p1, p2, l1, l2 = _random_case(1, 2000, 6400, 3, torch.float32, seed=3, full=True)
-    for K in (1, 3):
-        d, i = knn_points_triton(p1, p2, l1, l2, K=K)
+    for K, kw in ((1, {}), (3, {}), (1, dict(spatial_sort=False))):
+        d, i = knn_points_triton(p1, p2, l1, l2, K=K, **kw)
         _assert_knn_close(d, i, p1, p2, l1, l2, K)
 
 
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("norm,K", [(2, 1), (2, 3), (1, 4), (2, 20)])
+@pytest.mark.parametrize("norm,K", [(2, 1), (2, 3), (1, 4)])
 def test_cuda_gradients_match_autograd(dtype, norm, K):
     from protodepth.geometry.knn_triton import knn_points_triton
 

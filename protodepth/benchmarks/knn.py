@@ -57,27 +57,32 @@ def time_one(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0, fwd_only=False):
     return t_fwd, t_fb
 
 
-SWEEP = [(64, 128, 4, None), (64, 64, 4, None), (128, 64, 4, None), (128, 128, 8, None), (32, 128, 4, None),
-         (64, 256, 8, None), (128, 32, 4, None), (32, 64, 2, None), (64, 128, 4, 1), (64, 128, 4, 4)]
+SWEEP = [
+    dict(block_q=32, block_c=32, num_warps=1, spatial_sort=True),
+    dict(block_q=64, block_c=32, num_warps=2, spatial_sort=True),
+    dict(block_q=32, block_c=16, num_warps=1, spatial_sort=True),
+    dict(block_q=32, block_c=64, num_warps=1, spatial_sort=True),
+    dict(block_q=128, block_c=32, num_warps=4, spatial_sort=False),
+    dict(block_q=64, block_c=64, num_warps=2, spatial_sort=False),
+]
 
 
 def _sweep(args, knn_points_triton) -> int:
     """Forward-only times of several tilings per shape and dtype: the data behind the heuristics."""
     import functools
 
-    print("| shape | dtype | block_q | block_c | warps | splits | fwd ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | dtype | tiling | fwd ms |")
+    print("| --- | --- | --- | --- |")
     for name in args.shapes:
         N, P1, P2, K = SHAPES[name][:4]
         for dt in args.dtypes:
-            for bq, bc, w, s in SWEEP:
-                impl = functools.partial(knn_points_triton, block_q=bq, block_c=bc, num_warps=w, splits=s)
+            for kw in SWEEP:
+                impl = functools.partial(knn_points_triton, **kw)
                 try:
-                    t = time_one(impl, N, P1, P2, K, DTYPES[dt], args.rep_ms, fwd_only=True)[0]
+                    t = f"{time_one(impl, N, P1, P2, K, DTYPES[dt], args.rep_ms, fwd_only=True)[0]:.4g}"
                 except Exception as exc:  # a tiling may exceed registers/shared memory: report, go on
                     t = f"failed: {type(exc).__name__}"
-                print(f"| {name} | {dt} | {bq} | {bc} | {w} | {s} | {t if isinstance(t, str) else f'{t:.4g}'} |",
-                      flush=True)
+                print(f"| {name} | {dt} | {kw} | {t} |", flush=True)
     return 0
 
 

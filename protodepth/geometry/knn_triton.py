@@ -55,18 +55,54 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _tile_dists(p1_base, p2_base, P1S, P2S, q, c, cmask,
+                    D: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
+        """(BLOCK_C, BLOCK_Q) direct-form distances from coordinate-major (D, P) clouds; +inf for masked candidates.
+
+        Candidates run along dim 0 so that Triton's default layout gives each thread whole columns: the per-query
+        reductions over candidates then stay inside a thread instead of crossing warps through shared memory.
+        """
+        # unmasked: the coordinate-major copies are padded to whole tiles, which lets the loads vectorise
+        a = tl.load(p1_base + q).to(ACC)
+        b = tl.load(p2_base + c).to(ACC)
+        diff = a[None, :] - b[:, None]
+        if NORM == 2:
+            dist = diff * diff
+        else:
+            dist = tl.abs(diff)
+        for d in tl.static_range(1, D):
+            a = tl.load(p1_base + d * P1S + q).to(ACC)
+            b = tl.load(p2_base + d * P2S + c).to(ACC)
+            diff = a[None, :] - b[:, None]
+            if NORM == 2:
+                dist += diff * diff
+            else:
+                dist += tl.abs(diff)
+        return tl.where(cmask[:, None], dist, float("inf"))
+
+    @triton.jit
     def _knn_fwd_kernel(
-        p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr,
-        P1, P2, CHUNK,
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
+        P1, P2, P1S, P2S, CHUNK, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
-        ACC: tl.constexpr, FINAL: tl.constexpr,
+        ACC: tl.constexpr, FINAL: tl.constexpr, SORTED: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """One program: BLOCK_Q queries of cloud n against candidates [s*CHUNK, (s+1)*CHUNK) of cloud n.
 
-        p1 (N, P1, D), p2 (N, P2, D) contiguous; lengths (N,) int64. Output (S, N, P1, K) with S = grid dim 2.
-        FINAL (a single split): write PyTorch3D padding (0, 0) directly. Otherwise write +inf / -1 for empty slots
-        and padded queries; the host merges the splits and pads afterwards.
+        p1 (N, D, P1S), p2 (N, D, P2S): coordinate-major contiguous copies padded to whole tiles (P1S a multiple
+        of BLOCK_Q, P2S of BLOCK_C); lengths (N,) int64.
+        Output (S, N, P1, K) with S = grid dim 2. FINAL (a single split): write PyTorch3D padding (0, 0) directly.
+        Otherwise write +inf / -1 for empty slots and padded queries; the host merges the splits and pads.
+
+        SORTED: p1 and p2 are sorted along a Morton curve (valid points first), perm1/perm2 (N, P1)/(N, P2) int64
+        map sorted positions to original indices, box (N, T2, 2, D) holds each candidate tile's bounding box,
+        order (N, T1, T2) int32 lists the candidate tiles of each query tile by ascending box-to-box lower bound and
+        lbs (N, T1, T2) holds those bounds. The program walks its list and stops at the first tile whose bound
+        exceeds every query's current K-th best; inside, a tile is also skipped when no single query's distance to
+        its box can reach that query's K-th best. Bounds are shrunk by 2^-20 relative before comparing, which
+        covers the rounding differences between bound and distance (fused multiply-adds), so skipping is exact.
+        Ties compare original indices.
         """
         pid_q = tl.program_id(0)
         n = tl.program_id(1)
@@ -74,79 +110,147 @@ if triton is not None:
         num_n = tl.num_programs(1)
         L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
         L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        BIG: tl.constexpr = 2147483647
+        inf = float("inf")
 
         q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         qmask = q < L1
         slot = tl.arange(0, KP)
         cols = tl.arange(0, BLOCK_C)
-        p1_base = p1_ptr + n.to(tl.int64) * P1 * D
-        p2_base = p2_ptr + n.to(tl.int64) * P2 * D
+        p1_base = p1_ptr + n.to(tl.int64) * P1S * D
+        p2_base = p2_ptr + n.to(tl.int64) * P2S * D
 
-        inf = float("inf")
-        best_d = tl.full((BLOCK_Q, KP), inf, ACC)
-        # slots >= K are parked at -inf so the eviction max never picks them
-        best_d = tl.where(slot[None, :] < K, best_d, -inf)
-        # distinct negative placeholders keep the (dist, idx) eviction rule unambiguous before slots fill
-        best_i = tl.zeros((BLOCK_Q, KP), tl.int32) - 1 - slot[None, :]
+        if K == 1:
+            best1_d = tl.full((BLOCK_Q,), inf, ACC)
+            best1_i = tl.full((BLOCK_Q,), BIG, tl.int32)
+        else:
+            # (KP, BLOCK_Q): slots >= K are parked at -inf so the eviction max never picks them; distinct
+            # negative placeholder indices keep the (dist, idx) eviction rule unambiguous before the slots fill
+            best_d = tl.where(slot[:, None] < K, tl.full((KP, BLOCK_Q), inf, ACC), -inf)
+            best_i = tl.zeros((KP, BLOCK_Q), tl.int32) - 1 - slot[:, None]
 
-        c_start = s * CHUNK
-        c_end = tl.minimum(L2, c_start + CHUNK)
+        if SORTED:
+            c_end = L2
+            n_steps = tl.cdiv(L2, BLOCK_C)
+            lbase = (n.to(tl.int64) * T1 + pid_q) * T2
+        else:
+            c_start = s * CHUNK
+            c_end = tl.minimum(L2, c_start + CHUNK)
+            n_steps = tl.cdiv(tl.maximum(c_end - c_start, 0), BLOCK_C)
         # a tile of padded queries does no search at all
         if pid_q * BLOCK_Q >= L1:
-            c_end = c_start
-        for c0 in range(c_start, c_end, BLOCK_C):
-            c = c0 + cols
-            cmask = c < c_end
-            dist = tl.zeros((BLOCK_Q, BLOCK_C), ACC)
-            for d in tl.static_range(D):
-                a = tl.load(p1_base + q * D + d, mask=qmask, other=0.0).to(ACC)
-                b = tl.load(p2_base + c * D + d, mask=cmask, other=0.0).to(ACC)
-                diff = a[:, None] - b[None, :]
-                if NORM == 2:
-                    dist += diff * diff
+            n_steps = 0
+        SHRINK: tl.constexpr = 1.0 - 1.0 / 1048576.0
+        j = 0
+        go_on = n_steps > 0
+        while go_on:
+            if SORTED:
+                tile = tl.load(order_ptr + lbase + j)
+                c0 = tile * BLOCK_C
+                box = box_ptr + (n.to(tl.int64) * T2 + tile) * (2 * D)
+                lb = tl.zeros((BLOCK_Q,), ACC)
+                for d in tl.static_range(D):
+                    a = tl.load(p1_base + d * P1S + q).to(ACC)
+                    lo = tl.load(box + d)
+                    hi = tl.load(box + D + d)
+                    gap = tl.maximum(tl.maximum(lo - a, a - hi), 0.0)
+                    if NORM == 2:
+                        lb += gap * gap
+                    else:
+                        lb += gap
+                if K == 1:
+                    kth = best1_d
                 else:
-                    dist += tl.abs(diff)
-            dist = tl.where(cmask[None, :], dist, inf)
-            if K == 1:
-                m, arg = tl.min(dist, 1, return_indices=True, return_indices_tie_break_left=True)
-                # strict <: a later tile never displaces an equal distance with a lower index
-                upd = m < tl.max(best_d, 1)
-                best_d = tl.where(upd[:, None], m[:, None], best_d)
-                best_i = tl.where(upd[:, None], (c0 + arg)[:, None], best_i)
+                    kth = tl.max(best_d, 0)
+                # <= keeps tiles that could hold an equal distance with a lower original index
+                go = tl.max(tl.where(qmask & (lb * SHRINK <= kth), 1, 0), 0) > 0
             else:
-                kth = tl.max(best_d, 1)
-                hits = (dist < kth[:, None]).to(tl.int32)
-                n_ins = tl.minimum(tl.max(tl.sum(hits, 1), 0), K)
-                for _ in range(n_ins):
-                    m, arg = tl.min(dist, 1, return_indices=True, return_indices_tie_break_left=True)
-                    mx = tl.max(best_d, 1)
-                    # evict the worst slot; among equal worst distances the one with the highest index
-                    ev = tl.max(tl.where(best_d == mx[:, None], best_i, -2147483647), 1)
-                    ins = m < mx
-                    sel = (best_d == mx[:, None]) & (best_i == ev[:, None]) & ins[:, None]
-                    best_d = tl.where(sel, m[:, None], best_d)
-                    best_i = tl.where(sel, (c0 + arg)[:, None], best_i)
-                    dist = tl.where(cols[None, :] == arg[:, None], inf, dist)
+                go = j >= 0
+                c0 = c_start + j * BLOCK_C
+            if go:
+                c = c0 + cols
+                cmask = c < c_end
+                dist = _tile_dists(p1_base, p2_base, P1S, P2S, q, c, cmask, D, NORM, ACC)
+                if SORTED:
+                    oidx = tl.load(perm2_ptr + n.to(tl.int64) * P2 + c, mask=cmask, other=0).to(tl.int32)
+                else:
+                    oidx = c
+                if K == 1:
+                    if SORTED:
+                        m = tl.min(dist, 0)
+                        mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
+                        upd = (m < best1_d) | ((m == best1_d) & (mi < best1_i))
+                    else:
+                        # candidates arrive in index order: the first minimum of a later tile never wins a tie
+                        m, arg = tl.min(dist, 0, return_indices=True, return_indices_tie_break_left=True)
+                        mi = c0 + arg
+                        upd = m < best1_d
+                    best1_d = tl.where(upd, m, best1_d)
+                    best1_i = tl.where(upd, mi, best1_i)
+                else:
+                    kth = tl.max(best_d, 0)
+                    hits = (dist <= kth[None, :]).to(tl.int32)
+                    n_ins = tl.minimum(tl.max(tl.sum(hits, 0), 0), K)
+                    for _ in range(n_ins):
+                        # next tile candidate in (dist, idx) order
+                        m = tl.min(dist, 0)
+                        mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
+                        # it evicts the worst slot, (dist, idx)-largest, when it is smaller in that order
+                        mx = tl.max(best_d, 0)
+                        at_mx = best_d == mx[None, :]
+                        ev = tl.max(tl.where(at_mx, best_i, -BIG), 0)
+                        ins = (m < mx) | ((m == mx) & (mi < ev))
+                        sel = at_mx & (best_i == ev[None, :]) & ins[None, :]
+                        best_d = tl.where(sel, m[None, :], best_d)
+                        best_i = tl.where(sel, mi[None, :], best_i)
+                        dist = tl.where((dist == m[None, :]) & (oidx[:, None] == mi[None, :]), inf, dist)
+            j += 1
+            if SORTED:
+                # later tiles are no nearer than this bound: stop once it exceeds every query's K-th best
+                if K == 1:
+                    kth = best1_d
+                else:
+                    kth = tl.max(best_d, 0)
+                thr = tl.max(tl.where(qmask, kth, -inf), 0)
+                nxt = tl.load(lbs_ptr + lbase + j, mask=j < n_steps, other=inf)
+                go_on = (j < n_steps) & (nxt * SHRINK <= thr)
+            else:
+                go_on = j < n_steps
 
         out_base = (s.to(tl.int64) * num_n + n) * P1 * K
         row_ok = q < P1
-        bd = tl.where(slot[None, :] < K, best_d, inf)
-        # a runtime loop, not unrolled: unrolling K extraction steps made K=32..128 compile for minutes
-        for k in range(K):
-            # ascending (dist, idx) order: smallest distance, then smallest index among equals
-            m = tl.min(bd, 1)
-            at_m = bd == m[:, None]
-            i_sel = tl.min(tl.where(at_m, best_i, 2147483647), 1)
-            bd = tl.where(at_m & (best_i == i_sel[:, None]), inf, bd)
-            valid = qmask & (k < L2) & (m < inf)
+        if SORTED:
+            q_out = tl.load(perm1_ptr + n.to(tl.int64) * P1 + q, mask=row_ok, other=0)
+        else:
+            q_out = q
+        if K == 1:
+            valid = qmask & (L2 > 0) & (best1_d < inf)
             if FINAL:
-                out_d = tl.where(valid, m, 0.0)
-                out_i = tl.where(valid, i_sel, 0)
+                out_d = tl.where(valid, best1_d, 0.0)
+                out_i = tl.where(valid, best1_i, 0)
             else:
-                out_d = tl.where(valid, m, inf)
-                out_i = tl.where(valid, i_sel, -1)
-            tl.store(dist_ptr + out_base + q * K + k, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
-            tl.store(idx_ptr + out_base + q * K + k, out_i.to(tl.int64), mask=row_ok)
+                out_d = tl.where(valid, best1_d, inf)
+                out_i = tl.where(valid, best1_i, -1)
+            tl.store(dist_ptr + out_base + q_out, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(idx_ptr + out_base + q_out, out_i.to(tl.int64), mask=row_ok)
+        else:
+            bd = tl.where(slot[:, None] < K, best_d, inf)
+            # a runtime loop, not unrolled: unrolling K extraction steps made K=32..128 compile for minutes
+            for k in range(K):
+                # ascending (dist, idx) order: smallest distance, then smallest index among equals
+                m = tl.min(bd, 0)
+                at_m = bd == m[None, :]
+                i_sel = tl.min(tl.where(at_m, best_i, BIG), 0)
+                bd = tl.where(at_m & (best_i == i_sel[None, :]), inf, bd)
+                valid = qmask & (k < L2) & (m < inf)
+                if FINAL:
+                    out_d = tl.where(valid, m, 0.0)
+                    out_i = tl.where(valid, i_sel, 0)
+                else:
+                    out_d = tl.where(valid, m, inf)
+                    out_i = tl.where(valid, i_sel, -1)
+                tl.store(dist_ptr + out_base + q_out * K + k, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
+                tl.store(idx_ptr + out_base + q_out * K + k, out_i.to(tl.int64), mask=row_ok)
 
     @triton.jit
     def _knn_grad_p2_kernel(
@@ -207,24 +311,127 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.device, block_q=None, block_c=None,
-                    splits=None, num_warps=None):
-    """Tile sizes, warps and the number of candidate splits for one call (heuristics measured on an H100)."""
-    bq = block_q or (64 if K <= 4 else 32)
-    bc = block_c or (128 if K <= 4 else 64)
-    if _interpreting():
-        bq, bc = block_q or 16, block_c or 16
+                    splits=None, num_warps=None, spatial_sort=None):
+    """Tile sizes, candidate splits, warps and whether to sort spatially, for one call.
+
+    The (BLOCK_C, BLOCK_Q) tile is laid out one query column per thread (num_warps = BLOCK_Q / 32), so a thread
+    holds BLOCK_C candidates of its query and reduces them without crossing threads.
+    """
+    interp = _interpreting()
+    bc = block_c or (16 if interp else (32 if K <= 32 else 16))
+    target = 2 * _sm_count(device)
+    if spatial_sort is None:
+        # pruning pays once there are several candidate tiles to skip; the tile-pair table must stay small
+        spatial_sort = P2 >= 8 * bc and N * triton.cdiv(P1, block_q or 32) * triton.cdiv(P2, bc) <= (1 << 25)
+    if block_q is None:
+        if interp:
+            bq = 16
+        elif spatial_sort:
+            # one-warp programs: the early-exit bound is the worst K-th distance of the tile's queries, so small
+            # query tiles prune more (simulated on random clouds: 5.6% of pairs at 32 queries, 10% at 128), and
+            # their cross-query reductions stay inside one warp
+            bq = 32
+        else:
+            bq = 128
+            # fill the GPU with query tiles before resorting to candidate splits
+            while bq > 32 and N * triton.cdiv(P1, bq) < target:
+                bq //= 2
+    else:
+        bq = block_q
     n_qblocks = triton.cdiv(P1, bq)
-    if splits is None:
+    if spatial_sort:
+        splits = 1  # each split would need its own bounds; pruning wants the whole candidate cloud
+    elif splits is None:
         # too few query tiles to fill the GPU: split the candidates too and merge afterwards
-        target = 4 * _sm_count(device)
         splits = 1
-        if N * n_qblocks < target:
-            splits = min(triton.cdiv(target, N * n_qblocks), max(1, P2 // (4 * bc)))
+        if N * n_qblocks < 2 * target:
+            splits = min(triton.cdiv(2 * target, N * n_qblocks), max(1, P2 // (4 * bc)))
     splits = max(1, min(int(splits), triton.cdiv(max(P2, 1), bc)))
     chunk = triton.cdiv(triton.cdiv(max(P2, 1), splits), bc) * bc
     splits = triton.cdiv(max(P2, 1), chunk)
-    num_warps = num_warps or (4 if bq * bc >= 4096 else 2)
-    return bq, bc, splits, chunk, num_warps
+    num_warps = num_warps or max(1, min(8, bq // 32))
+    return bq, bc, splits, chunk, num_warps, bool(spatial_sort)
+
+
+def _spread_bits(x: torch.Tensor) -> torch.Tensor:
+    """10-bit integers -> their bits spread to every third position (for 3-D Morton codes)."""
+    x = (x | (x << 16)) & 0x030000FF
+    x = (x | (x << 8)) & 0x0300F00F
+    x = (x | (x << 4)) & 0x030C30C3
+    return (x | (x << 2)) & 0x09249249
+
+
+def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
+    """(N, P, D) -> contiguous (N, D, padded) copy, zero beyond P (padded >= P)."""
+    N, P, D = x.shape
+    out = torch.zeros((N, D, padded), dtype=x.dtype, device=x.device)
+    out[:, :, :P] = x.transpose(1, 2)
+    return out
+
+
+def _tile_boxes(x: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor:
+    """Per-tile bounding boxes of sorted points x (N, P, D) with valid (N, P) -> (N, T, 2, D): min, max.
+
+    Tiles without valid points get min +inf and max -inf, so every bound involving them is +inf.
+    """
+    N, P, D = x.shape
+    T = triton.cdiv(P, tile)
+    pad = T * tile - P
+    xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(N, T, tile, D)
+    vs = torch.nn.functional.pad(valid, (0, pad)).reshape(N, T, tile, 1)
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    return torch.stack([torch.where(vs, xs, inf).amin(2), torch.where(vs, xs, -inf).amax(2)], 2).contiguous()
+
+
+def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
+    """Morton-sorted copies and the tables the SORTED kernel reads.
+
+    Returns p1s (N, D, T1*bq), p2s (N, D, T2*bc) coordinate-major in the compute dtype (valid points first, along
+    a Morton curve of the first min(D, 3) coordinates over both clouds' joint box), perm1 (N, P1) / perm2 (N, P2)
+    int64 original indices, box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) int32 candidate tiles of
+    each query tile by ascending box-to-box lower bound, lbs (N, T1, T2) those bounds (+inf for empty tiles).
+    Memory O(N (P1 + P2) D + N T1 T2): T1 T2 = P1 P2 / (bq bc), thousands of times less than a distance matrix.
+    """
+    N, P1, D = p1.shape
+    P2 = p2.shape[1]
+    dev = p1.device
+    acc = _out_dtype(p1.dtype)
+    a, b = p1.detach().to(acc), p2.detach().to(acc)
+    v1 = torch.arange(P1, device=dev)[None, :] < l1[:, None]
+    v2 = torch.arange(P2, device=dev)[None, :] < l2[:, None]
+    dm = min(D, 3)
+    inf = torch.tensor(float("inf"), dtype=acc, device=dev)
+    lo = torch.minimum(torch.where(v1[..., None], a, inf).amin(1), torch.where(v2[..., None], b, inf).amin(1))[:, :dm]
+    hi = torch.maximum(torch.where(v1[..., None], a, -inf).amax(1), torch.where(v2[..., None], b, -inf).amax(1))[:, :dm]
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    scale = 1023.0 / torch.where(torch.isfinite(hi), hi - lo, torch.ones_like(hi)).clamp_min(1e-30)
+
+    def codes(x, valid):
+        g = ((x[..., :dm] - lo[:, None]) * scale[:, None]).nan_to_num(0.0).clamp(0, 1023).to(torch.int64)
+        code = torch.zeros(x.shape[:2], dtype=torch.int64, device=dev)
+        for d in range(dm):
+            code |= _spread_bits(g[..., d]) << d
+        return torch.where(valid, code, torch.full_like(code, 1 << 40))  # padding sorts last
+
+    _, perm1 = torch.sort(codes(a, v1), dim=1)
+    _, perm2 = torch.sort(codes(b, v2), dim=1)
+    as_ = torch.gather(a, 1, perm1[..., None].expand(-1, -1, D))
+    bs = torch.gather(b, 1, perm2[..., None].expand(-1, -1, D))
+    T1, T2 = triton.cdiv(P1, bq), triton.cdiv(P2, bc)
+    # sorted order puts the valid points first, so validity is a prefix again
+    qbox = _tile_boxes(as_, v1, bq)
+    box = _tile_boxes(bs, v2, bc)
+    # box-to-box lower bounds, accumulated over d in the kernel's order
+    lbs = torch.zeros((N, T1, T2), dtype=acc, device=dev)
+    for d in range(D):
+        gap = torch.maximum(box[:, None, :, 0, d] - qbox[:, :, None, 1, d], qbox[:, :, None, 0, d] - box[:, None, :, 1, d])
+        gap = gap.clamp_min(0.0)
+        lbs += gap * gap if norm == 2 else gap
+    lbs, order = torch.sort(lbs.nan_to_num(float("inf")), dim=2)
+    # coordinate-major (N, D, P) copies in the compute dtype: contiguous, vectorisable candidate loads
+    p1s = _coord_major(as_, T1 * bq)
+    p2s = _coord_major(bs, T2 * bc)
+    return p1s, p2s, perm1.contiguous(), perm2.contiguous(), box, order.to(torch.int32).contiguous(), lbs.contiguous()
 
 
 def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
@@ -253,7 +460,8 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
         raise ValueError(f"p1 must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {p1.device}")
 
 
-def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None, num_warps=None):
+def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None, num_warps=None,
+                 spatial_sort=None):
     """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding."""
     N, P1, D = p1.shape
     P2 = p2.shape[1]
@@ -261,17 +469,26 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     out_dtype = _out_dtype(p1.dtype)
     if N == 0 or P1 == 0:
         return torch.zeros(N, P1, K, dtype=out_dtype, device=dev), torch.zeros(N, P1, K, dtype=torch.int64, device=dev)
-    p1c = p1.detach().contiguous()
-    p2c = p2.detach().contiguous()
-    l1 = lengths1.to(device=dev, dtype=torch.int64).contiguous()
-    l2 = lengths2.to(device=dev, dtype=torch.int64).contiguous()
-    bq, bc, S, chunk, warps = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps)
+    l1 = lengths1.to(device=dev, dtype=torch.int64).clamp(0, P1).contiguous()
+    l2 = lengths2.to(device=dev, dtype=torch.int64).clamp(0, P2).contiguous()
+    bq, bc, S, chunk, warps, sort = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps,
+                                                    spatial_sort)
+    if sort and P2 > 0:
+        p1c, p2c, perm1, perm2, box, order, lbs = _spatial_sort(p1, p2, l1, l2, bq, bc, norm)
+        T1, T2 = order.shape[1], order.shape[2]
+    else:
+        sort = False
+        # coordinate-major (N, D, P) copies: O(N P D), contiguous candidate loads
+        p1c = _coord_major(p1.detach(), triton.cdiv(P1, bq) * bq)
+        p2c = _coord_major(p2.detach(), triton.cdiv(max(P2, 1), bc) * bc)
+        perm1 = perm2 = box = order = lbs = l1  # never read
+        T1 = T2 = 1
     dists = torch.empty(S, N, P1, K, dtype=out_dtype, device=dev)
     idx = torch.empty(S, N, P1, K, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(P1, bq), N, S)
     _knn_fwd_kernel[grid](
-        p1c, p2c, l1, l2, dists, idx, P1, P2, chunk,
-        K=K, KP=_next_pow2(max(K, 2)), D=D, NORM=norm, ACC=_acc_dtype(p1.dtype), FINAL=(S == 1),
+        p1c, p2c, l1, l2, dists, idx, perm1, perm2, box, order, lbs, P1, P2, p1c.shape[2], p2c.shape[2], chunk, T1, T2,
+        K=K, KP=_next_pow2(max(K, 2)), D=D, NORM=norm, ACC=_acc_dtype(p1.dtype), FINAL=(S == 1), SORTED=sort,
         BLOCK_Q=bq, BLOCK_C=bc, num_warps=warps,
     )
     if S == 1:
@@ -363,6 +580,7 @@ def knn_points_triton(
     block_c: int | None = None,
     splits: int | None = None,
     num_warps: int | None = None,
+    spatial_sort: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K nearest neighbours in p2 of every point of p1, on the GPU, without a distance matrix.
 
@@ -376,6 +594,8 @@ def knn_points_triton(
         return_sorted: accepted for API parity; results are always ascending in (dist, idx), which is also a valid
             answer when unsorted output is requested.
         block_q, block_c, splits, num_warps: tiling overrides for tests and benchmarks (None: heuristics).
+        spatial_sort: search Morton-sorted copies and skip candidate tiles whose bounding box is farther than every
+            query's current K-th distance (exact; None: on when P2 >= 8 candidate tiles).
 
     Returns:
         dists: (N, P1, K) float32 (float64 for fp64 inputs; fp16/bf16 inputs are accumulated and returned in fp32),
@@ -397,4 +617,4 @@ def knn_points_triton(
 
         return _knn_points_torch(p1, p2, lengths1, lengths2, K, norm, return_sorted)
     _check_inputs(p1, p2, lengths1, lengths2, K, norm)
-    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, (block_q, block_c, splits, num_warps))
+    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, (block_q, block_c, splits, num_warps, spatial_sort))

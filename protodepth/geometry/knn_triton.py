@@ -369,8 +369,8 @@ def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
     return out
 
 
-def _tile_boxes(x: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor:
-    """Per-tile bounding boxes of sorted points x (N, P, D) with valid (N, P) -> (N, T, 2, D): min, max.
+def _tile_boxes(x: torch.Tensor, lengths: torch.Tensor, tile: int) -> torch.Tensor:
+    """Per-tile bounding boxes of sorted points x (N, P, D), the first lengths[n] valid -> (N, T, 2, D): min, max.
 
     Tiles without valid points get min +inf and max -inf, so every bound involving them is +inf.
     """
@@ -378,7 +378,7 @@ def _tile_boxes(x: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor
     T = triton.cdiv(P, tile)
     pad = T * tile - P
     xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(N, T, tile, D)
-    vs = torch.nn.functional.pad(valid, (0, pad)).reshape(N, T, tile, 1)
+    vs = (torch.arange(T * tile, device=x.device)[None, :] < lengths[:, None]).reshape(N, T, tile, 1)
     inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     return torch.stack([torch.where(vs, xs, inf).amin(2), torch.where(vs, xs, -inf).amax(2)], 2).contiguous()
 
@@ -419,8 +419,8 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     bs = torch.gather(b, 1, perm2[..., None].expand(-1, -1, D))
     T1, T2 = triton.cdiv(P1, bq), triton.cdiv(P2, bc)
     # sorted order puts the valid points first, so validity is a prefix again
-    qbox = _tile_boxes(as_, v1, bq)
-    box = _tile_boxes(bs, v2, bc)
+    qbox = _tile_boxes(as_, l1, bq)
+    box = _tile_boxes(bs, l2, bc)
     # box-to-box lower bounds, accumulated over d in the kernel's order
     lbs = torch.zeros((N, T1, T2), dtype=acc, device=dev)
     for d in range(D):

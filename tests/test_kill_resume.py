@@ -24,16 +24,17 @@ from trainer_utils import REPO, override_args, python, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 6
+MAX_STEPS = 5
 SLOW_COMMIT_S = 0.6  # a commit sleeps this long with the files written and no manifest yet
 
 
-def start(tmp_path: Path, name: str, resume: bool) -> tuple[subprocess.Popen, Path]:
+def start(tmp_path: Path, name: str, resume: bool, slow: bool = True) -> tuple[subprocess.Popen, Path]:
     o = tiny_overrides(tmp_path, **{"train.max_steps": MAX_STEPS, "train.ckpt_every": 1,
                                     "train.deterministic": True, "train.output_dir": str(tmp_path / name)})
     args = [python(), "scripts/train.py", *override_args(o)] + (["--resume", "latest"] if resume else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    env[ckpt.SLOW_ENV] = str(SLOW_COMMIT_S)
+    if slow:  # the sleep changes no result, only when a kill can land
+        env[ckpt.SLOW_ENV] = str(SLOW_COMMIT_S)
     env[ckpt.FSYNC_ENV] = "0"  # a SIGKILL loses nothing that fsync would keep (the page cache survives it)
     log = tmp_path / f"{name}.log"
     with open(log, "a") as f:
@@ -56,6 +57,14 @@ def wait_for(p: subprocess.Popen, cond, timeout: float = 90.0) -> bool:
     raise AssertionError("the training process made no progress within the timeout")
 
 
+def fresh_dir(path: Path, since: float) -> bool:
+    """`path` is a folder made at or after `since` (so not a stale one left by the previous kill)."""
+    try:
+        return path.is_dir() and path.stat().st_mtime >= since
+    except FileNotFoundError:  # renamed away between the two calls
+        return False
+
+
 def committed(root: Path) -> list[int]:
     return [int(d.name.split("-")[1]) for d in ckpt.checkpoint_dirs(root)]
 
@@ -68,25 +77,27 @@ def params(folder: Path) -> dict:
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     rng = random.Random(20261124)
-    # the reference: the same process, never interrupted
-    p, log = start(tmp_path, "straight", resume=False)
-    assert p.wait(timeout=120) == 0, log.read_text()[-3000:]
-    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    # the reference: the same process, never interrupted (single-threaded, so it runs beside the others)
+    ref_p, ref_log = start(tmp_path, "straight", resume=False, slow=False)
 
     run = tmp_path / "killed"
     root = run / "checkpoints"
-    # each kill: (what to wait for, extra random delay). The waits are on progress, not wall time, so the
-    # kills land inside training whatever the machine's speed.
+    # each kill: (what to wait for, given the start time; extra random delay). The waits are on progress, not
+    # wall time, so the kills land inside training whatever the machine's speed.
     plan = [
-        ("during the write of step 2", lambda: ckpt.temp_dir(root, 2).is_dir(), 0.0),
-        ("after the checkpoint of step 3, random delay", lambda: 3 in committed(root), rng.uniform(0.0, 0.8)),
-        ("during the write of step 5", lambda: ckpt.temp_dir(root, 5).is_dir(), rng.uniform(0.0, 0.3)),
+        ("during the write of step 2", lambda t0: fresh_dir(ckpt.temp_dir(root, 2), t0), 0.0),
+        ("after the checkpoint of step 3, random delay", lambda t0: 3 in committed(root), rng.uniform(0.0, 0.8)),
+        # (the kill before lands at most 0.8 s after checkpoint 3: too early for checkpoint 4 to be committed,
+        # but perhaps inside its write: then the folder seen must be the new process's, not that stale one)
+        ("during the write of step 4", lambda t0: fresh_dir(ckpt.temp_dir(root, 4), t0), rng.uniform(0.0, 0.3)),
     ]
     kills = []
     resume = False
     for what, cond, delay in plan:
+        time.sleep(0.05)  # folders made from now on are newer than the killed process's
+        t0 = time.time()
         p, log = start(tmp_path, "killed", resume)
-        reached = wait_for(p, cond)
+        reached = wait_for(p, lambda: cond(t0))
         assert reached, f"the process ended before the kill point '{what}':\n{log.read_text()[-3000:]}"
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
@@ -110,6 +121,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert text.count("resumed from") == len(plan), text[-3000:]
     assert not list(root.glob(".tmp-*"))  # every restart cleans up after the kill before it
 
+    assert ref_p.wait(timeout=120) == 0, ref_log.read_text()[-3000:]
+    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["steps"] == MAX_STEPS
     assert resumed["history"] == reference["history"], (resumed["history"], reference["history"], kills)

@@ -31,6 +31,22 @@ def _bench(fn, rep_ms: float) -> float:
     return float(triton.testing.do_bench(fn, warmup=max(10.0, rep_ms / 4), rep=rep_ms, return_mode="median"))
 
 
+def agreement(N, P1, P2, K, dtype, seed=0):
+    """Fraction of idx equal between the kernel and the torch path, and their max |dists| difference."""
+    from protodepth.geometry.knn import _knn_points_torch
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    p1 = torch.randn(N, P1, 3, device="cuda", generator=g).to(dtype)
+    p2 = torch.randn(N, P2, 3, device="cuda", generator=g).to(dtype)
+    l1 = torch.full((N,), P1, dtype=torch.int64, device="cuda")
+    l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
+    with torch.no_grad():
+        d1, i1 = knn_points_triton(p1, p2, l1, l2, K, 2, True)
+        d2, i2 = _knn_points_torch(p1, p2, l1, l2, K, 2, True)
+    return float((i1 == i2).double().mean()), float((d1.double() - d2.double()).abs().max())
+
+
 def time_one(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0, fwd_only=False):
     """Median ms of forward and of forward+backward for impl(p1, p2, lengths1, lengths2, K, norm, sorted)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -110,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         for dt in args.dtypes:
             tri = time_one(knn_points_triton, N, P1, P2, K, DTYPES[dt], args.rep_ms)
             tor = (None, None) if args.no_torch else time_one(_knn_points_torch, N, P1, P2, K, DTYPES[dt], args.rep_ms)
+            agree = (None, None) if args.no_torch else agreement(N, P1, P2, K, DTYPES[dt])
             row = dict(shape=name, N=N, P1=P1, P2=P2, K=K, dtype=dt, triton_fwd=tri[0], triton_fwd_bwd=tri[1],
-                       torch_fwd=tor[0], torch_fwd_bwd=tor[1],
+                       torch_fwd=tor[0], torch_fwd_bwd=tor[1], idx_agree=agree[0], max_abs_dist_diff=agree[1],
                        pytorch3d_fwd=ref_f if dt == "fp32" else None,
                        pytorch3d_fwd_bwd=ref_fb if dt == "fp32" else None)
             rows.append(row)
@@ -122,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nGPU: {gpu}; torch {torch.__version__}; median ms of do_bench repeats (rep {args.rep_ms:g} ms)\n")
     print("| shape (N x P1 x P2) | K | dtype | Triton fwd | Triton fwd+bwd | torch fwd | torch fwd+bwd "
-          "| PyTorch3D fwd / fwd+bwd (H100) | fwd vs PyTorch3D | fwd+bwd vs PyTorch3D |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| PyTorch3D fwd / fwd+bwd (H100) | fwd vs PyTorch3D | fwd+bwd vs PyTorch3D | idx = torch path |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         p3 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd']} / {r['pytorch3d_fwd_bwd']}"
         s1 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd'] / r['triton_fwd']:.1f}x"
         s2 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd_bwd'] / r['triton_fwd_bwd']:.1f}x"
+        agree = "-" if r["idx_agree"] is None else f"{100 * r['idx_agree']:.4f}%"
         print(f"| {r['shape'].split('-')[0]} | {r['K']} | {r['dtype']} | {f(r['triton_fwd'])} | "
-              f"{f(r['triton_fwd_bwd'])} | {f(r['torch_fwd'])} | {f(r['torch_fwd_bwd'])} | {p3} | {s1} | {s2} |")
+              f"{f(r['triton_fwd_bwd'])} | {f(r['torch_fwd'])} | {f(r['torch_fwd_bwd'])} | {p3} | {s1} | {s2} | {agree} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(gpu=gpu, torch=torch.__version__, rep_ms=args.rep_ms, rows=rows), fh, indent=1)

@@ -332,9 +332,21 @@ def train(cfg: Config) -> dict:
                 sample_gen.manual_seed((((t.seed * 1_000_003 + state.step) * 64 + micro) * 4096
                                         + accelerator.process_index) % 2**63)
                 micro = 0 if accelerator.sync_gradients else micro + 1
-                res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, batch["cloud"], batch["lengths"],
-                                       cfg.loss, samples_per_slot=samples_ramp(state.step), generator=sample_gen,
-                                       max_targets=n_targets if n_targets < full_targets else None)
+                try:
+                    res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, batch["cloud"],
+                                           batch["lengths"], cfg.loss, samples_per_slot=samples_ramp(state.step),
+                                           generator=sample_gen,
+                                           max_targets=n_targets if n_targets < full_targets else None)
+                except ValueError:
+                    # the geometry refuses non-finite vertices; then the weights themselves have overflowed (a
+                    # finite but huge step), so skipping steps cannot help either: stop in both modes
+                    if bool(torch.isfinite(scene.slot_verts.detach()).all()):
+                        raise
+                    raise NonFiniteError(
+                        f"non-finite model output (slot vertices) at step {state.step + 1} (epoch {state.epoch}): "
+                        f"the weights overflowed at an earlier step; batch files on rank {accelerator.process_index}:"
+                        f" {', '.join(batch_paths[:8])}{' ...' if len(batch_paths) > 8 else ''}. No checkpoint was "
+                        "written for this step; lower optim.lr or set optim.grad_clip") from None
                 nonfinite_local += (~torch.isfinite(res.total.detach())).float()
                 accelerator.backward(res.total)
                 grad_norm = None

@@ -58,9 +58,17 @@ def main(argv: list[str]) -> int:
             raise
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+        message = f"{prefix}error: {one_line(e)}"
+    else:
+        return 0
+    # Printed only now, after the exception (and through its traceback the trainer's frames) is gone: a
+    # progress bar left open by the failure then prints its last state when collected here, not after our line,
+    # which must stay the last one. The newline ends a bar line that may still own the cursor.
+    import gc
+
+    gc.collect()
+    print(f"\n{message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -130,10 +130,14 @@ class ProtoDepth(nn.Module):
         return SceneOutput(params, slot_verts, protos)
 
     def predict(self, image: torch.Tensor) -> SlotParams:
-        """image (B, 3, H, W) -> SlotParams."""
+        """image (B, 3, H, W), or (B, 1, H, W) repeated to 3 channels here -> SlotParams."""
+        if image.shape[1] == 1:  # a third of the bytes through the loader and the host-to-device copy
+            image = image.expand(-1, 3, -1, -1)
         B = image.shape[0]
         K, P = self.cfg.num_slots, self.cfg.num_prototypes
         feat = self.backbone(image)  # (B, 2048)
+        if self.cfg.head_input_scale != 1.0:
+            feat = feat * self.cfg.head_input_scale
         out = self.head(feat).float()  # the head's small outputs are squashed below: keep them in fp32
         scale_raw = out[:, :K]  # (B, K)
         per = out[:, K:].view(B, K, P, 7)

@@ -28,8 +28,12 @@ def load_params(ckpt_dir: Path) -> dict:
     return load_file(str(ckpt_dir / "model.safetensors"))
 
 
+# 4 training frames, batch 4: every step sees the same frames, so the loss curve shows learning, not batch noise
+FIXED_BATCH = {"data.synthetic_num_scenes": 6, "data.val_fraction": 0.34, "train.batch_size": 4, "optim.lr": 1e-3}
+
+
 def test_loss_falls_over_a_few_dozen_steps(tmp_path):
-    cfg = tiny_config(tmp_path, **{"train.max_steps": 30, "train.log_every": 5, "optim.lr": 3e-4})
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 30, "train.log_every": 5, **FIXED_BATCH})
     s = train(cfg)
     losses = [l for _, l in s["history"]]
     assert len(losses) == 6
@@ -106,6 +110,7 @@ def test_bf16_run_tracks_the_fp32_run(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a grad scaler needs CUDA")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_trains_on_gpu(tmp_path, precision):
-    s = train(tiny_config(tmp_path, **{"train.max_steps": 20, "train.log_every": 5, "train.mixed_precision": precision}))
+    s = train(tiny_config(tmp_path, **{"train.max_steps": 30, "train.log_every": 5, "train.mixed_precision": precision,
+                                       **FIXED_BATCH}))
     losses = [l for _, l in s["history"]]
-    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < 0.6 * losses[0], losses

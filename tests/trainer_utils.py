@@ -21,6 +21,7 @@ def tiny_overrides(tmp_path: Path, **extra) -> dict:
         "loss.samples_per_slot": 16,
         "optim.lr": 1e-4,
         "model.trans_max": 100.0,
+        "model.head_input_scale": 0.022,
         "data.root": str(tmp_path / "synthetic"),
         "data.height": 32,
         "data.width": 32,

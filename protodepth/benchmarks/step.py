@@ -44,13 +44,13 @@ def make_inputs(B: int, H: int, W: int, N: int, device, seed: int = 0):
     return image.to(device), cloud.to(device), lengths.to(device)
 
 
-def build(K: int, level: int, compile_model: bool, device):
+def build(K: int, level: int, compile_model: bool, device, fused: bool = True):
     from protodepth.config import LossConfig, ModelConfig
     from protodepth.model import ProtoDepth
 
     cfg = ModelConfig(num_slots=K, num_prototypes=K, ico_level=level)
     model = ProtoDepth(cfg).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda" if fused else None)
     if compile_model:
         model = torch.compile(model)
     return model, opt, LossConfig()
@@ -80,7 +80,7 @@ def bench_shape(name: str, precision: str, args, device) -> list[Result]:
     image = image.contiguous(memory_format=torch.channels_last)
     results = []
 
-    model, opt, loss_cfg = build(K, args.ico_level, args.compile, device)
+    model, opt, loss_cfg = build(K, args.ico_level, args.compile, device, fused=args.adam == "fused")
     core = model._orig_mod if hasattr(model, "_orig_mod") else model
     faces = core.faces
 
@@ -133,6 +133,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--ico-level", type=int, default=4)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--adam", default="fused", choices=["fused", "foreach"], help="Adam implementation")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the b32 full step")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -142,7 +143,7 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  ico level {args.ico_level}"
-          f"  compile {args.compile}")
+          f"  compile {args.compile}  adam {args.adam}")
     rows: list[Result] = []
     t0 = time.time()
     for name in args.shapes:

@@ -253,6 +253,109 @@ if triton is not None:
                 tl.store(idx_ptr + out_base + q_out * K + k, out_i.to(tl.int64), mask=row_ok)
 
     @triton.jit
+    def _bbox_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, lo_ptr, scale_ptr, P1, P2,
+                     D: tl.constexpr, DM: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        """Joint box of both clouds' valid points over the first DM coordinates -> lo (N, DP), 1023/extent (N, DP)."""
+        n = tl.program_id(0)
+        dd = tl.arange(0, DP)
+        dmask = dd < DM
+        mn = tl.full((DP,), float("inf"), ACC)
+        mx = tl.full((DP,), -float("inf"), ACC)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        for s0 in range(0, L1, BLOCK):
+            r = s0 + tl.arange(0, BLOCK)
+            m2 = (r < L1)[:, None] & dmask[None, :]
+            x = tl.load(p1_ptr + n.to(tl.int64) * P1 * D + r[:, None] * D + dd[None, :], mask=m2, other=0.0).to(ACC)
+            mn = tl.minimum(mn, tl.min(tl.where(m2, x, float("inf")), 0))
+            mx = tl.maximum(mx, tl.max(tl.where(m2, x, -float("inf")), 0))
+        for s0 in range(0, L2, BLOCK):
+            r = s0 + tl.arange(0, BLOCK)
+            m2 = (r < L2)[:, None] & dmask[None, :]
+            x = tl.load(p2_ptr + n.to(tl.int64) * P2 * D + r[:, None] * D + dd[None, :], mask=m2, other=0.0).to(ACC)
+            mn = tl.minimum(mn, tl.min(tl.where(m2, x, float("inf")), 0))
+            mx = tl.maximum(mx, tl.max(tl.where(m2, x, -float("inf")), 0))
+        fin = (mn < float("inf")) & (mx > -float("inf"))
+        lo = tl.where(fin, mn, 0.0)
+        span = tl.maximum(tl.where(fin, mx - lo, 1.0), 1e-30)
+        tl.store(lo_ptr + n * DP + dd, lo)
+        tl.store(scale_ptr + n * DP + dd, 1023.0 / span)
+
+    @triton.jit
+    def _spread10(v):
+        # 10-bit integers -> bits at every third position (3-D Morton interleave)
+        v = (v | (v << 16)) & 0x030000FF
+        v = (v | (v << 8)) & 0x0300F00F
+        v = (v | (v << 4)) & 0x030C30C3
+        return (v | (v << 2)) & 0x09249249
+
+    @triton.jit
+    def _morton_kernel(p_ptr, len_ptr, lo_ptr, scale_ptr, code_ptr, P,
+                       D: tl.constexpr, DM: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        """Morton codes (N, P) int64 of the first DM coordinates quantised to 10 bits; padding gets 2^40 (last)."""
+        n = tl.program_id(1)
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rm = r < P
+        L = tl.minimum(tl.maximum(tl.load(len_ptr + n).to(tl.int32), 0), P)
+        code = tl.zeros((BLOCK,), tl.int64)
+        for d in tl.static_range(DM):
+            x = tl.load(p_ptr + n.to(tl.int64) * P * D + r * D + d, mask=rm, other=0.0).to(ACC)
+            g = (x - tl.load(lo_ptr + n * DP + d)) * tl.load(scale_ptr + n * DP + d)
+            g = tl.where(g == g, g, 0.0)  # NaN coordinates: anywhere on the curve, results stay exact
+            g = tl.minimum(tl.maximum(g, 0.0), 1023.0)
+            code = code | (_spread10(g.to(tl.int64)) << d)
+        code = tl.where(r < L, code, 1 << 40)
+        tl.store(code_ptr + n.to(tl.int64) * P + r, code, mask=rm)
+
+    @triton.jit
+    def _gather_tiles_kernel(src_ptr, perm_ptr, len_ptr, out_ptr, box_ptr, P, PS, T,
+                             D: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, TILE: tl.constexpr):
+        """One tile of sorted points: coordinate-major copy out (N, D, PS) (zeros past P) and its box (N, T, 2, D)."""
+        t = tl.program_id(0)
+        n = tl.program_id(1)
+        c = t * TILE + tl.arange(0, TILE)
+        cm = c < P
+        L = tl.minimum(tl.maximum(tl.load(len_ptr + n).to(tl.int32), 0), P)
+        valid = c < L
+        dd = tl.arange(0, DP)
+        dmask = dd < D
+        o = tl.load(perm_ptr + n.to(tl.int64) * P + c, mask=cm, other=0)
+        x = tl.load(src_ptr + n.to(tl.int64) * P * D + o[:, None] * D + dd[None, :],
+                    mask=cm[:, None] & dmask[None, :], other=0.0).to(ACC)
+        tl.store(out_ptr + n.to(tl.int64) * D * PS + dd[None, :] * PS + c[:, None], x, mask=dmask[None, :])
+        lo = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
+        hi = tl.max(tl.where(valid[:, None], x, -float("inf")), 0)
+        bptr = box_ptr + (n.to(tl.int64) * T + t) * (2 * D)
+        tl.store(bptr + dd, lo, mask=dmask)
+        tl.store(bptr + D + dd, hi, mask=dmask)
+
+    @triton.jit
+    def _tile_lb_kernel(qbox_ptr, cbox_ptr, lbs_ptr, T1, T2,
+                        D: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Lower bounds (N, T1, T2) of the distance between query tile t1's box and every candidate tile's box.
+
+        Accumulated over d in the search kernel's order; +inf where either tile is empty.
+        """
+        t1 = tl.program_id(0)
+        n = tl.program_id(1)
+        qb = qbox_ptr + (n.to(tl.int64) * T1 + t1) * (2 * D)
+        for t0 in range(0, T2, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < T2
+            cb = cbox_ptr + (n.to(tl.int64) * T2 + t) * (2 * D)
+            lb = tl.zeros((BLOCK_T,), ACC)
+            for d in tl.static_range(D):
+                clo = tl.load(cb + d, mask=tm, other=float("inf"))
+                chi = tl.load(cb + D + d, mask=tm, other=-float("inf"))
+                gap = tl.maximum(tl.maximum(clo - tl.load(qb + D + d), tl.load(qb + d) - chi), 0.0)
+                if NORM == 2:
+                    lb += gap * gap
+                else:
+                    lb += gap
+            lb = tl.where(lb == lb, lb, float("inf"))
+            tl.store(lbs_ptr + (n.to(tl.int64) * T1 + t1) * T2 + t, lb, mask=tm)
+
+    @triton.jit
     def _knn_grad_p2_kernel(
         p1_ptr, p2_ptr, g_ptr, order_ptr, seg_ptr, out_ptr,
         NP2, P2, K,
@@ -353,14 +456,6 @@ def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.devi
     return bq, bc, splits, chunk, num_warps, bool(spatial_sort)
 
 
-def _spread_bits(x: torch.Tensor) -> torch.Tensor:
-    """10-bit integers -> their bits spread to every third position (for 3-D Morton codes)."""
-    x = (x | (x << 16)) & 0x030000FF
-    x = (x | (x << 8)) & 0x0300F00F
-    x = (x | (x << 4)) & 0x030C30C3
-    return (x | (x << 2)) & 0x09249249
-
-
 def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
     """(N, P, D) -> contiguous (N, D, padded) copy, zero beyond P (padded >= P)."""
     N, P, D = x.shape
@@ -369,69 +464,43 @@ def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
     return out
 
 
-def _tile_boxes(x: torch.Tensor, lengths: torch.Tensor, tile: int) -> torch.Tensor:
-    """Per-tile bounding boxes of sorted points x (N, P, D), the first lengths[n] valid -> (N, T, 2, D): min, max.
-
-    Tiles without valid points get min +inf and max -inf, so every bound involving them is +inf.
-    """
-    N, P, D = x.shape
-    T = triton.cdiv(P, tile)
-    pad = T * tile - P
-    xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(N, T, tile, D)
-    vs = (torch.arange(T * tile, device=x.device)[None, :] < lengths[:, None]).reshape(N, T, tile, 1)
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    return torch.stack([torch.where(vs, xs, inf).amin(2), torch.where(vs, xs, -inf).amax(2)], 2).contiguous()
-
-
 def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
-    """Morton-sorted copies and the tables the SORTED kernel reads.
+    """Morton-sorted copies and the tables the SORTED kernel reads, in 8 launches and no host synchronisation.
 
     Returns p1s (N, D, T1*bq), p2s (N, D, T2*bc) coordinate-major in the compute dtype (valid points first, along
     a Morton curve of the first min(D, 3) coordinates over both clouds' joint box), perm1 (N, P1) / perm2 (N, P2)
     int64 original indices, box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) int32 candidate tiles of
     each query tile by ascending box-to-box lower bound, lbs (N, T1, T2) those bounds (+inf for empty tiles).
-    Memory O(N (P1 + P2) D + N T1 T2): T1 T2 = P1 P2 / (bq bc), thousands of times less than a distance matrix.
+    Memory O(N (P1 + P2) D + N T1 T2): T1 T2 = P1 P2 / (bq bc), a thousand times less than a distance matrix.
     """
     N, P1, D = p1.shape
     P2 = p2.shape[1]
     dev = p1.device
-    acc = _out_dtype(p1.dtype)
-    a, b = p1.detach().to(acc), p2.detach().to(acc)
-    v1 = torch.arange(P1, device=dev)[None, :] < l1[:, None]
-    v2 = torch.arange(P2, device=dev)[None, :] < l2[:, None]
-    dm = min(D, 3)
-    inf = torch.tensor(float("inf"), dtype=acc, device=dev)
-    lo = torch.minimum(torch.where(v1[..., None], a, inf).amin(1), torch.where(v2[..., None], b, inf).amin(1))[:, :dm]
-    hi = torch.maximum(torch.where(v1[..., None], a, -inf).amax(1), torch.where(v2[..., None], b, -inf).amax(1))[:, :dm]
-    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-    scale = 1023.0 / torch.where(torch.isfinite(hi), hi - lo, torch.ones_like(hi)).clamp_min(1e-30)
-
-    def codes(x, valid):
-        g = ((x[..., :dm] - lo[:, None]) * scale[:, None]).nan_to_num(0.0).clamp(0, 1023).to(torch.int64)
-        code = torch.zeros(x.shape[:2], dtype=torch.int64, device=dev)
-        for d in range(dm):
-            code |= _spread_bits(g[..., d]) << d
-        return torch.where(valid, code, torch.full_like(code, 1 << 40))  # padding sorts last
-
-    _, perm1 = torch.sort(codes(a, v1), dim=1)
-    _, perm2 = torch.sort(codes(b, v2), dim=1)
-    as_ = torch.gather(a, 1, perm1[..., None].expand(-1, -1, D))
-    bs = torch.gather(b, 1, perm2[..., None].expand(-1, -1, D))
+    acc_t, acc = _out_dtype(p1.dtype), _acc_dtype(p1.dtype)
+    dm, dp = min(D, 3), _next_pow2(D)
+    a, b = p1.detach().contiguous(), p2.detach().contiguous()
+    lo = torch.empty((N, dp), dtype=acc_t, device=dev)
+    scale = torch.empty((N, dp), dtype=acc_t, device=dev)
+    _bbox_kernel[(N,)](a, b, l1, l2, lo, scale, P1, P2, D=D, DM=dm, DP=dp, ACC=acc, BLOCK=256)
+    perms = []
+    for x, lx in ((a, l1), (b, l2)):
+        P = x.shape[1]
+        codes = torch.empty((N, P), dtype=torch.int64, device=dev)
+        _morton_kernel[(triton.cdiv(P, 1024), N)](x, lx, lo, scale, codes, P, D=D, DM=dm, DP=dp, ACC=acc, BLOCK=1024)
+        # stable: the same permutation every run (results never depend on it; ties compare original indices)
+        perms.append(torch.sort(codes, dim=1, stable=True)[1])
     T1, T2 = triton.cdiv(P1, bq), triton.cdiv(P2, bc)
-    # sorted order puts the valid points first, so validity is a prefix again
-    qbox = _tile_boxes(as_, l1, bq)
-    box = _tile_boxes(bs, l2, bc)
-    # box-to-box lower bounds, accumulated over d in the kernel's order
-    lbs = torch.zeros((N, T1, T2), dtype=acc, device=dev)
-    for d in range(D):
-        gap = torch.maximum(box[:, None, :, 0, d] - qbox[:, :, None, 1, d], qbox[:, :, None, 0, d] - box[:, None, :, 1, d])
-        gap = gap.clamp_min(0.0)
-        lbs += gap * gap if norm == 2 else gap
-    lbs, order = torch.sort(lbs.nan_to_num(float("inf")), dim=2)
-    # coordinate-major (N, D, P) copies in the compute dtype: contiguous, vectorisable candidate loads
-    p1s = _coord_major(as_, T1 * bq)
-    p2s = _coord_major(bs, T2 * bc)
-    return p1s, p2s, perm1.contiguous(), perm2.contiguous(), box, order.to(torch.int32).contiguous(), lbs.contiguous()
+    outs = []
+    for x, lx, perm, tile, T in ((a, l1, perms[0], bq, T1), (b, l2, perms[1], bc, T2)):
+        xs = torch.empty((N, D, T * tile), dtype=acc_t, device=dev)
+        box = torch.empty((N, T, 2, D), dtype=acc_t, device=dev)
+        _gather_tiles_kernel[(T, N)](x, perm, lx, xs, box, x.shape[1], T * tile, T, D=D, DP=dp, ACC=acc, TILE=tile)
+        outs.append((xs, box))
+    (p1s, qbox), (p2s, box) = outs
+    lbs = torch.empty((N, T1, T2), dtype=acc_t, device=dev)
+    _tile_lb_kernel[(T1, N)](qbox, box, lbs, T1, T2, D=D, NORM=norm, ACC=acc, BLOCK_T=256)
+    lbs, order = torch.sort(lbs, dim=2)
+    return p1s, p2s, perms[0], perms[1], box, order.to(torch.int32), lbs
 
 
 def _check_inputs(p1, p2, lengths1, lengths2, K, norm):

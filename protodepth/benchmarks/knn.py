@@ -102,6 +102,39 @@ def _sweep(args, knn_points_triton) -> int:
     return 0
 
 
+def _profile(args, knn_points_triton) -> int:
+    """Where the time goes: CUDA time per kernel over 10 forward+backward calls, and the wall time per call."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    N, P1, P2, K = SHAPES[args.shapes[0]][:4]
+    dtype = DTYPES[args.dtypes[0]]
+    p1 = torch.randn(N, P1, 3, device="cuda").to(dtype).requires_grad_()
+    p2 = torch.randn(N, P2, 3, device="cuda").to(dtype).requires_grad_()
+    l1 = torch.full((N,), P1, dtype=torch.int64, device="cuda")
+    l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
+
+    def step():
+        d, _ = knn_points_triton(p1, p2, l1, l2, K, 2, True)
+        torch.autograd.grad(d.sum(), (p1, p2))
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    print(f"{args.shapes[0]} {args.dtypes[0]}: wall {1e3 * (time.perf_counter() - t0) / 10:.3f} ms per fwd+bwd")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmark.py knn", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -109,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch fallback (slow on large shapes)")
     ap.add_argument("--rep-ms", type=float, default=200.0, help="do_bench repetition budget per measurement (ms)")
     ap.add_argument("--sweep", action="store_true", help="time forward tilings (block_q, block_c, warps, splits)")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-kernel CUDA times (torch.profiler) of forward+backward for the first shape and dtype")
     ap.add_argument("--out", default=None, help="also write the rows as JSON to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name()
     if args.sweep:
         return _sweep(args, knn_points_triton)
+    if args.profile:
+        return _profile(args, knn_points_triton)
     rows = []
     for name in args.shapes:
         N, P1, P2, K, ref_f, ref_fb = SHAPES[name]

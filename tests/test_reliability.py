@@ -389,7 +389,7 @@ CLI_CASES = {
     # ---- command-line flags
     "flag-wandb-choice": ("`--wandb maybe`", None, ["--wandb", "maybe"], "--wandb"),
     "flag-not-an-int": ("`--max-steps ten`", None, ["--max-steps", "ten"], "--max-steps"),
-    "flag-unknown": ("`--max-step 3` (typo)", None, ["--max-step", "3"], "--max-step"),
+    "flag-unknown": ("`--steps 3` (no such flag)", None, ["--steps", "3"], "--steps"),
     "override-no-equals": ("`train.max_steps` (no `=value`)", None, ["train.max_steps"], "train.max_steps"),
     "override-no-section": ("`max_steps=3` (no section)", None, ["max_steps=3"], "max_steps=3"),
     "override-bad-yaml": ("`data.val_sequences=[SEQ1`", None, ["data.val_sequences=[SEQ1"], "data.val_sequences"),
@@ -543,3 +543,20 @@ def test_user_error_is_one_documented_line(case, tmp_path, good_frames, capsys):
     assert lines and lines[-1].startswith("error: "), err
     assert CLI_CASES[case][3] in lines[-1], lines[-1]
     assert lines[-1] == "error: " + documented_errors().get(case, "<not in docs/errors.md>"), lines[-1]
+
+
+def test_cli_error_in_a_real_process_from_a_dataloader_worker(tmp_path, good_frames):
+    """The same contract from a real process, with the bad frame read in a DataLoader worker (whose error
+    arrives wrapped in the worker's traceback text) and a progress bar open when it fails."""
+    import shutil
+
+    from trainer_utils import python, run_script
+
+    shutil.copytree(good_frames, tmp_path / "frames")
+    _replace_frame(tmp_path, "truncated")
+    argv = _case_argv(tmp_path, "png-truncated") + ["data.num_workers=1"]
+    r = run_script([python(), "scripts/train.py", *argv], env_extra={ckpt.FSYNC_ENV: "0"}, timeout=180)
+    err = r.stderr.replace(str(tmp_path), "<tmp>")
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and "Traceback" not in err, err
+    assert lines[-1] == "error: " + documented_errors()["png-truncated"], err

@@ -97,7 +97,7 @@ if triton is not None:
 
         SORTED: p1 and p2 are sorted along a Morton curve (valid points first), perm1/perm2 (N, P1)/(N, P2) int64
         map sorted positions to original indices, box (N, T2, 2, D) holds each candidate tile's bounding box,
-        order (N, T1, T2) int32 lists the candidate tiles of each query tile by ascending box-to-box lower bound and
+        order (N, T1, T2) int64 lists the candidate tiles of each query tile by ascending box-to-box lower bound and
         lbs (N, T1, T2) holds those bounds. The program walks its list and stops at the first tile whose bound
         exceeds every query's current K-th best; inside, a tile is also skipped when no single query's distance to
         its box can reach that query's K-th best. Bounds are shrunk by 2^-20 relative before comparing, which
@@ -145,7 +145,7 @@ if triton is not None:
         go_on = n_steps > 0
         while go_on:
             if SORTED:
-                tile = tl.load(order_ptr + lbase + j)
+                tile = tl.load(order_ptr + lbase + j).to(tl.int32)
                 c0 = tile * BLOCK_C
                 box = box_ptr + (n.to(tl.int64) * T2 + tile) * (2 * D)
                 lb = tl.zeros((BLOCK_Q,), ACC)
@@ -469,7 +469,7 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
 
     Returns p1s (N, D, T1*bq), p2s (N, D, T2*bc) coordinate-major in the compute dtype (valid points first, along
     a Morton curve of the first min(D, 3) coordinates over both clouds' joint box), perm1 (N, P1) / perm2 (N, P2)
-    int64 original indices, box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) int32 candidate tiles of
+    int64 original indices, box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) int64 candidate tiles of
     each query tile by ascending box-to-box lower bound, lbs (N, T1, T2) those bounds (+inf for empty tiles).
     Memory O(N (P1 + P2) D + N T1 T2): T1 T2 = P1 P2 / (bq bc), a thousand times less than a distance matrix.
     """
@@ -500,7 +500,7 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     lbs = torch.empty((N, T1, T2), dtype=acc_t, device=dev)
     _tile_lb_kernel[(T1, N)](qbox, box, lbs, T1, T2, D=D, NORM=norm, ACC=acc, BLOCK_T=256)
     lbs, order = torch.sort(lbs, dim=2)
-    return p1s, p2s, perms[0], perms[1], box, order.to(torch.int32), lbs
+    return p1s, p2s, perms[0], perms[1], box, order, lbs
 
 
 def _check_inputs(p1, p2, lengths1, lengths2, K, norm):

@@ -100,13 +100,58 @@ def test_one_rank_raising_ends_the_job_and_shows_its_error(tmp_path):
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])  # header intact (the startup scan passes), pixel data cut
     log = tmp_path / "job.log"
-    t0 = time.monotonic()
     p = launch(o, uuid.uuid4().hex, log)
-    rc = wait(p, 180 + BOUND_S, log)
+    end = time.monotonic() + 180
+    while "[rank 1] error:" not in log.read_text():
+        assert p.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < end, log.read_text()[-4000:]
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    rc = wait(p, BOUND_S, log)
     elapsed = time.monotonic() - t0
     out = log.read_text()
-    assert rc != 0, out[-4000:]
-    assert elapsed < 180 + BOUND_S
+    assert rc != 0 and elapsed < BOUND_S, (rc, elapsed, out[-4000:])
     err = [l for l in out.splitlines() if l.startswith("[rank 1] error:")]
-    assert err and bad.name in err[0] and "truncated or corrupt" in err[0], out[-4000:]
+    assert len(err) == 1 and bad.name in err[0] and "truncated or corrupt" in err[0], out[-4000:]
+    assert "rank      : 1" in out and "exitcode  : 2" in out  # the launcher names the failing rank too
     assert not ckpt.checkpoint_dirs(Path(o["train.output_dir"]) / "checkpoints")
+
+
+def test_one_rank_hanging_times_out_after_dist_timeout_s(tmp_path):
+    """A rank that stops answering (SIGSTOP: stuck on I/O, a deadlock) is not seen by the launcher; the others
+    wait in a collective until train.dist_timeout_s and then fail, which ends the job."""
+    timeout_s = 20  # above the skew between ranks at startup on a loaded 2-core machine
+    tag = uuid.uuid4().hex
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 200, "train.ckpt_every": 1, "train.dist_timeout_s": timeout_s})
+    log = tmp_path / "job.log"
+    p = launch(o, tag, log)
+    root = Path(o["train.output_dir"]) / "checkpoints"
+    end = time.monotonic() + 180
+    while not ckpt.checkpoint_dirs(root):
+        assert p.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < end, log.read_text()[-4000:]
+        time.sleep(0.05)
+    victim = pid_of_rank(tag, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        # rank 0's collective must give up after timeout_s. Then the launcher sends SIGTERM to the stopped rank,
+        # which a stopped process cannot act on (torchrun waits 30 s before SIGKILL); continue it at that point
+        # so the teardown is quick: the bound under test is the collective's timeout.
+        end = t0 + timeout_s + 60
+        while "Timed out" not in log.read_text():
+            assert time.monotonic() < end and p.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.05)
+        timed_out_after = time.monotonic() - t0
+        os.kill(victim, signal.SIGCONT)
+        rc = wait(p, 60, log)
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out = log.read_text()
+    assert rc != 0, out[-4000:]
+    assert timeout_s - 2 < timed_out_after < timeout_s + 30, (timed_out_after, out[-4000:])
+    assert f"Timed out waiting {timeout_s * 1000}ms" in out and "rank      : 0" in out, out[-4000:]

@@ -560,3 +560,26 @@ def test_cli_error_in_a_real_process_from_a_dataloader_worker(tmp_path, good_fra
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert r.returncode == 2 and "Traceback" not in err, err
     assert lines[-1] == "error: " + documented_errors()["png-truncated"], err
+
+
+def test_a_real_write_failure_file_too_large_leaves_no_partial_checkpoint(tmp_path):
+    """Not a patched error: the trainer runs with a 32 MiB file-size limit (RLIMIT_FSIZE), so writing the
+    ~90 MB weights file really fails inside safetensors (EFBIG, Python ignores SIGXFSZ) as on a full disk."""
+    import resource
+    import subprocess
+
+    from trainer_utils import REPO, override_args, python, tiny_overrides
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, resource.RLIM_INFINITY))
+
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{ckpt.FSYNC_ENV: "0"})
+    r = subprocess.run([python(), "scripts/train.py", *override_args(o)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=180, preexec_fn=limit_file_size)
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith("error: could not write the checkpoint of step 1 to ") and "File too large" in lines[-1]
+    assert lines[-1].endswith("the last complete checkpoint is none"), lines[-1]
+    root = tmp_path / "run" / "checkpoints"
+    assert root.is_dir() and not list(root.iterdir())  # no .tmp-*, no checkpoint-*

@@ -16,8 +16,9 @@ from trainer_utils import REPO, accelerate_bin, override_args, tiny_config, tiny
 pytestmark = pytest.mark.slow
 
 DIST_TIMEOUT_S = 30
-# a failure must end the job well within the process-group timeout plus the launcher's own teardown
-BOUND_S = DIST_TIMEOUT_S + 30
+# a dead or failing rank must end the job within the process-group timeout (measured: 1-3 s, the launcher
+# notices the exit at once); a hanging one is the separate case bounded by that timeout itself
+BOUND_S = DIST_TIMEOUT_S
 
 
 def free_port() -> int:
@@ -81,6 +82,7 @@ def test_one_rank_killed_ends_the_job_within_the_bound(tmp_path):
     out = log.read_text()
     assert rc != 0, out[-4000:]
     assert elapsed < BOUND_S, elapsed
+    print(f"job ended {elapsed:.1f} s after the kill")
     # the launcher names the dead rank and the signal
     assert "rank      : 1" in out and "Signal 9 (SIGKILL)" in out, out[-4000:]
     assert pid_of_rank(tag, 0) is None  # no orphan left running
@@ -111,6 +113,7 @@ def test_one_rank_raising_ends_the_job_and_shows_its_error(tmp_path):
     elapsed = time.monotonic() - t0
     out = log.read_text()
     assert rc != 0 and elapsed < BOUND_S, (rc, elapsed, out[-4000:])
+    print(f"job ended {elapsed:.1f} s after rank 1's error")
     err = [l for l in out.splitlines() if l.startswith("[rank 1] error:")]
     assert len(err) == 1 and bad.name in err[0] and "truncated or corrupt" in err[0], out[-4000:]
     assert "rank      : 1" in out and "exitcode  : 2" in out  # the launcher names the failing rank too

@@ -185,7 +185,9 @@ def train(cfg: Config) -> dict:
     faces = model.faces  # (F, 3), shared by every slot mesh and prototype
     if is_main:
         check_output_dir(out, min_free_bytes=4 * _model_bytes(model) + (64 << 20))
-    if cfg.model.channels_last:
+    # DeepSpeed flattens parameters through byte views, which need a unit last stride: no channels-last there
+    # ("self.stride(-1) must be 1 to view Float as Byte", seen on an H100 with ZeRO-2)
+    if cfg.model.channels_last and not is_deepspeed:
         model = model.to(memory_format=torch.channels_last)
     # fused Adam: one kernel for all parameters instead of a dozen per tensor group (~3 ms/step on an H100)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

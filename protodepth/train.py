@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +312,7 @@ def train(cfg: Config) -> dict:
     t_last, samples_last = t_start, state.samples
     last_terms: dict[str, float] = {}
     last_val: dict[str, float] = {}
+    rates: list[float] = []  # samples/s of every log interval of this process's run
     batch_paths: list[str] = []
     nonfinite_local = torch.zeros((), device=accelerator.device)
     lr = set_lr(state.step)
@@ -401,6 +403,7 @@ def train(cfg: Config) -> dict:
                     logs["grad_norm"] = float(model.get_global_grad_norm())
                 if torch.cuda.is_available():
                     logs["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                rates.append(logs["samples_per_s"])
                 t_last, samples_last = now, state.samples
                 state.history.append((state.step, last_terms["loss"]))
                 accelerator.log(logs, step=state.step)
@@ -437,6 +440,8 @@ def train(cfg: Config) -> dict:
         "first_loss": state.history[0][1] if state.history else None,
         "history": [tuple(h) for h in state.history],
         "skipped_steps": state.skipped_steps,
+        # the first interval holds start-up (data workers, cuDNN autotuning): leave it out when there are others
+        "samples_per_s_median": statistics.median(rates[1:] or rates) if rates else None,
         "processes": world,
         "rank_checksums": rank_checksums,
         "distributed_type": str(accelerator.distributed_type),
@@ -458,7 +463,8 @@ def train(cfg: Config) -> dict:
 
 def _summary_text(s: dict) -> str:
     lines = [f"done: {s['steps']} steps, {s['samples']} samples in {s['wall_s']:.1f} s on {s['processes']} "
-             f"process(es) ({s['distributed_type']}, mixed precision {s['mixed_precision']})"]
+             f"process(es) ({s['distributed_type']}, mixed precision {s['mixed_precision']})"
+             + (f", median {s['samples_per_s_median']:.0f} samples/s" if s["samples_per_s_median"] else "")]
     if s["first_loss"] is not None and s["final"]:
         lines.append(f"loss: {s['first_loss']:.4g} (first log) -> {s['final']['loss']:.4g} (last)")
     if s["val"]:

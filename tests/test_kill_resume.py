@@ -25,7 +25,7 @@ from trainer_utils import REPO, override_args, python, tiny_overrides
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 5
-SLOW_COMMIT_S = 0.6  # a commit sleeps this long with the files written and no manifest yet
+SLOW_COMMIT_S = 1.0  # a commit sleeps this long with the files written and no manifest yet (polled every 10 ms)
 
 
 def start(tmp_path: Path, name: str, resume: bool, slow: bool = True) -> tuple[subprocess.Popen, Path]:

@@ -270,8 +270,9 @@ def test_cuda_half_and_double_inputs(dtype, norm):
 
     p1, p2, l1, l2 = _random_case(3, 700, 900, 3, dtype, seed=7 + norm)
     for K in (1, 16):
-        d, i = knn_points_triton(p1, p2, l1, l2, K=K, norm=norm)
-        _assert_knn_close(d, i, p1, p2, l1, l2, K, norm)
+        for sort in (True, False):
+            d, i = knn_points_triton(p1, p2, l1, l2, K=K, norm=norm, spatial_sort=sort)
+            _assert_knn_close(d, i, p1, p2, l1, l2, K, norm)
 
 
 @pytest.mark.cuda
@@ -280,7 +281,7 @@ def test_cuda_large_inputs_both_paths_match_reference():
     from protodepth.geometry.knn_triton import knn_points_triton
 
     p1, p2, l1, l2 = _random_case(1, 2000, 6400, 3, torch.float32, seed=3, full=True)
-    for K, kw in ((1, {}), (3, {}), (1, dict(spatial_sort=False))):
+    for K, kw in ((1, dict(spatial_sort=True)), (3, dict(spatial_sort=True)), (1, {}), (3, {})):
         d, i = knn_points_triton(p1, p2, l1, l2, K=K, **kw)
         _assert_knn_close(d, i, p1, p2, l1, l2, K)
 

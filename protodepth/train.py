@@ -452,12 +452,13 @@ def train(cfg: Config) -> dict:
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(_summary_text(summary))
-    accelerator.end_training()
-    # Free the model before interpreter exit: avoids gloo's rare "terminate called without an active exception"
-    # at shutdown (shared/facts.md).
+    # Free the model, then end training: avoids gloo's rare "terminate called without an active exception" at
+    # shutdown (shared/facts.md). This order matters for DeepSpeed, whose engine.destroy() asks for the rank:
+    # after end_training() has destroyed the process group it fails ("DeepSpeed backend not set", H100 run).
     del model, optimizer, train_dl, val_dl
     accelerator.free_memory()
     gc.collect()
+    accelerator.end_training()
     return summary
 
 

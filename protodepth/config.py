@@ -287,7 +287,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ConfigError(f"config file {path}: not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])

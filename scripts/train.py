@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: `--max-step 3` must not silently mean --max-steps
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/quickstart.yaml)")
     p.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint of the run) or a checkpoint folder")
     p.add_argument("--output-dir", default=None, help="run folder (train.output_dir)")

@@ -390,6 +390,7 @@ CLI_CASES = {
     "flag-wandb-choice": ("`--wandb maybe`", None, ["--wandb", "maybe"], "--wandb"),
     "flag-not-an-int": ("`--max-steps ten`", None, ["--max-steps", "ten"], "--max-steps"),
     "flag-unknown": ("`--steps 3` (no such flag)", None, ["--steps", "3"], "--steps"),
+    "flag-abbreviated": ("`--max-step 3` (abbreviations are not taken)", None, ["--max-step", "3"], "--max-step"),
     "override-no-equals": ("`train.max_steps` (no `=value`)", None, ["train.max_steps"], "train.max_steps"),
     "override-no-section": ("`max_steps=3` (no section)", None, ["max_steps=3"], "max_steps=3"),
     "override-bad-yaml": ("`data.val_sequences=[SEQ1`", None, ["data.val_sequences=[SEQ1"], "data.val_sequences"),

@@ -88,3 +88,13 @@ def test_imagenet_weights_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_network)
     with pytest.raises(WeightsError, match="could not download"):
         build_backbone("imagenet")
+
+
+def test_single_channel_input_equals_its_three_channel_repeat():
+    cfg = ModelConfig(num_slots=2, num_prototypes=2, ico_level=0, channels_last=False)
+    model = ProtoDepth(cfg).eval()
+    one = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        a = model(one).slot_verts
+        b = model(one.repeat(1, 3, 1, 1)).slot_verts
+    torch.testing.assert_close(a, b)

@@ -8,6 +8,7 @@ same bin-sorted point lists and draw the same indices, so they return the same s
 """
 from __future__ import annotations
 
+import abc
 import warnings
 
 import numpy as np
@@ -63,7 +64,7 @@ def gray_to_rgb(image: np.ndarray, channels: int = 3) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-class DepthDataset(Dataset):
+class DepthDataset(Dataset, abc.ABC):
     """Shared sample logic; subclasses provide `_frame_count`, `_load(j, rng)` and `_describe(j)`.
 
     `vary_per_epoch=False` freezes the point draw at epoch 0 (validation: a stable score between evaluations).
@@ -111,14 +112,17 @@ class DepthDataset(Dataset):
         raise BadFrameError(f"every one of the {n} depth frames of this dataset failed to load "
                             f"(first: {self._describe(i)})")
 
+    @abc.abstractmethod
     def _frame_count(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _load(self, j: int, epoch: int) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _describe(self, j: int) -> str:
-        raise NotImplementedError
+        ...
 
 
 class PngDepthDataset(DepthDataset):

@@ -48,3 +48,17 @@ def test_two_process_deepspeed_zero2_on_cpu(tmp_path):
     # DeepSpeed writes its own engine checkpoint (ZeRO optimizer shards per rank) inside save_state's folder
     shards = list(ckpt.rglob("*optim_states.pt"))
     assert len(shards) == 2, sorted(p.name for p in ckpt.rglob("*"))
+
+
+def test_scaling_benchmark_runs_under_two_cpu_processes(tmp_path):
+    """`scripts/benchmark.py scaling` (the DDP-efficiency benchmark of BENCHMARKS.md) on tiny CPU sizes."""
+    results = tmp_path / "scaling.json"
+    cmd = [accelerate_bin(), "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "scripts/benchmark.py", "scaling", "--cpu-smoke",
+           "--results", str(results)]
+    r = run_script(cmd, env_extra={"ACCELERATE_USE_CPU": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = json.loads(results.read_text())
+    assert [row["processes"] for row in rows] == [2] and rows[0]["samples_per_s"] > 0
+    assert "MULTI_CPU" in rows[0]["distributed_type"]
+    assert "| 2 |" in r.stdout and "n/a (no 1-process run)" in r.stdout

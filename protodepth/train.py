@@ -374,8 +374,7 @@ def train(cfg: Config) -> dict:
                                 f"rank {accelerator.process_index}: {', '.join(batch_paths[:8])}"
                                 f"{' ...' if len(batch_paths) > 8 else ''}. No checkpoint was written for this step;"
                                 f" set train.on_nonfinite=skip to drop such steps instead")
-                        optimizer.zero_grad(set_to_none=True)
-                        state.skipped_steps += 1
+                        state.skipped_steps += 1  # no optimizer step; the gradients are dropped just below
                     else:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -153,6 +153,9 @@ class TrainConfig:
     wandb_project: str = "protodepth"
     run_name: str | None = None
     compile: bool = False  # torch.compile the model's forward
+    # capture forward + loss + backward in CUDA graphs and replay them (one GPU process, bf16/fp32, no accumulation):
+    # removes the host's kernel-launch time, which bounds the eager step (BENCHMARKS.md)
+    cuda_graphs: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exact resume tests
     viz_every: int = 0  # pictures + meshes of the current batch every N steps and at the end (0: only at the end)
     viz_images: int = 4  # images of the batch drawn per snapshot (the main process's share of the batch)
@@ -172,6 +175,15 @@ class TrainConfig:
         _one_of(self.wandb, "train.wandb", ("auto", "online", "offline", "disabled"))
         _one_of(self.on_nonfinite, "train.on_nonfinite", ("error", "skip"))
         _check(self.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 second")
+        if self.cuda_graphs:
+            _check(self.grad_accum == 1, "train.cuda_graphs",
+                   f"needs train.grad_accum=1 (got {self.grad_accum}): a captured backward assigns gradients, it cannot "
+                   "add to them; raise train.batch_size instead, or set train.cuda_graphs=false")
+            _check(self.mixed_precision != "fp16", "train.cuda_graphs",
+                   "does not work with fp16's grad scaler; use train.mixed_precision=bf16 (or no), or set "
+                   "train.cuda_graphs=false")
+            _check(not self.compile, "train.cuda_graphs",
+                   "and train.compile are two ways to cut launch overhead; choose one (set the other to false)")
 
 
 @dataclass

@@ -31,6 +31,10 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradients stopped being finite."""
 
 
+class _NonFiniteOutput(Exception):
+    """The model's slot vertices are not finite (raised inside the step, reported with batch files outside)."""
+
+
 class DataSetupError(ValueError):
     """The data named by the config can't be opened (missing folder, no frames, bad cache...)."""
 
@@ -320,6 +324,34 @@ def train(cfg: Config) -> dict:
     # from the global RNG: a resumed run then samples exactly what an uninterrupted one did, whatever else
     # (DataLoader iterators, libraries) consumed global random numbers in between.
     sample_gen = torch.Generator(device=accelerator.device)
+
+    def forward_loss(image, cloud, lengths, key, generator):
+        """Forward pass and loss of one micro-batch; key = (samples_per_slot, max_targets or None)."""
+        with accelerator.autocast():
+            scene = model(image)  # slot_verts (B, K, V, 3) fp32, prototypes (P, V, 3)
+        try:
+            res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, cloud, lengths, cfg.loss,
+                                   samples_per_slot=key[0], generator=generator, max_targets=key[1])
+        except ValueError:
+            # the geometry refuses non-finite vertices; then the weights themselves have overflowed (a finite
+            # but huge step), so skipping steps cannot help either: stop in both modes
+            if bool(torch.isfinite(scene.slot_verts.detach()).all()):
+                raise
+            raise _NonFiniteOutput() from None
+        return (scene, res), res.total
+
+    graphed = None
+    if t.cuda_graphs:
+        if accelerator.device.type != "cuda":
+            raise ConfigError("train.cuda_graphs: needs a CUDA GPU, this run is on "
+                              f"{accelerator.device}; set train.cuda_graphs=false")
+        if world > 1 or is_deepspeed:
+            raise ConfigError(f"train.cuda_graphs: captures the step of one process, this run has {world} "
+                              f"process(es) ({accelerator.distributed_type}); set train.cuda_graphs=false for "
+                              "DDP and DeepSpeed runs")
+        from protodepth.cuda_graphs import GraphedStep
+
+        graphed = GraphedStep(forward_loss, list(model.parameters()), sample_gen, max_points=full_targets)
     micro = 0
     viz_done, last_batch = -1, None
     done = state.step >= t.max_steps
@@ -331,29 +363,26 @@ def train(cfg: Config) -> dict:
             state.batch_in_epoch += 1
             batch_paths.extend(batch["paths"])
             with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    scene = model(batch["image"])  # slot_verts (B, K, V, 3) fp32, prototypes (P, V, 3)
                 n_targets = targets_ramp(state.step)
-                sample_gen.manual_seed((((t.seed * 1_000_003 + state.step) * 64 + micro) * 4096
-                                        + accelerator.process_index) % 2**63)
+                key = (samples_ramp(state.step), n_targets if n_targets < full_targets else None)
+                seed = (((t.seed * 1_000_003 + state.step) * 64 + micro) * 4096 + accelerator.process_index) % 2**63
                 micro = 0 if accelerator.sync_gradients else micro + 1
                 try:
-                    res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, batch["cloud"],
-                                           batch["lengths"], cfg.loss, samples_per_slot=samples_ramp(state.step),
-                                           generator=sample_gen,
-                                           max_targets=n_targets if n_targets < full_targets else None)
-                except ValueError:
-                    # the geometry refuses non-finite vertices; then the weights themselves have overflowed (a
-                    # finite but huge step), so skipping steps cannot help either: stop in both modes
-                    if bool(torch.isfinite(scene.slot_verts.detach()).all()):
-                        raise
+                    if graphed is not None:  # forward, loss and backward in one replay; grads land in p.grad
+                        scene, res = graphed(batch["image"], batch["cloud"], batch["lengths"], key, seed)
+                    else:
+                        sample_gen.manual_seed(seed)
+                        (scene, res), _ = forward_loss(batch["image"], batch["cloud"], batch["lengths"], key,
+                                                       sample_gen)
+                except _NonFiniteOutput:
                     raise NonFiniteError(
                         f"non-finite model output (slot vertices) at step {state.step + 1} (epoch {state.epoch}): "
                         f"the weights overflowed at an earlier step; batch files on rank {accelerator.process_index}:"
                         f" {', '.join(batch_paths[:8])}{' ...' if len(batch_paths) > 8 else ''}. No checkpoint was "
                         "written for this step; lower optim.lr or set optim.grad_clip") from None
                 nonfinite_local += (~torch.isfinite(res.total.detach())).float()
-                accelerator.backward(res.total)
+                if graphed is None:
+                    accelerator.backward(res.total)
                 grad_norm = None
                 if accelerator.sync_gradients and not is_deepspeed:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)

@@ -100,16 +100,55 @@ def bench_shape(name: str, precision: str, args, device) -> list[Result]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for kind, fn in (("backbone", backbone_step), ("full", full_step)):
+    kinds = [("backbone", backbone_step), ("full", full_step)]
+    if args.cuda_graphs:
+        kinds += graphed_steps(core, model, opt, faces, loss_cfg, image, cloud, lengths, dtype)
+    for kind, fn in kinds:
         torch.cuda.reset_peak_memory_stats()
         times = time_steps(fn, args.warmup, args.repeats)
         med = statistics.median(times)
         results.append(Result(name, precision, kind, med, B / med, torch.cuda.max_memory_allocated() / 2**30))
     if args.profile and name == "b32":
         profile(full_step, f"{name}-{precision}")
+        if args.cuda_graphs:
+            profile(kinds[-1][1], f"{name}-{precision} graphed")
     del model, opt
     torch.cuda.empty_cache()
     return results
+
+
+def graphed_steps(core, model, opt, faces, loss_cfg, image, cloud, lengths, dtype):
+    """The backbone-only and the full step with forward + loss + backward replayed from CUDA graphs (the trainer's
+    `train.cuda_graphs`); the optimizer step stays eager, as in the trainer."""
+    from protodepth.cuda_graphs import GraphedStep
+    from protodepth.loss import proto_depth_loss
+
+    gen = torch.Generator(device=image.device)
+    params = list(model.parameters())
+
+    def backbone_fn(img, cl, ln, key, g):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            out = core.head(core.backbone(img))
+        loss = out.float().square().mean()
+        return loss, loss
+
+    def full_fn(img, cl, ln, key, g):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            scene = model(img)
+        res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, cl, ln, loss_cfg, generator=g)
+        return res.total, res.total
+
+    steps = []
+    for kind, fn in (("backbone-graph", backbone_fn), ("full-graph", full_fn)):
+        graphed = GraphedStep(fn, params, gen, max_points=cloud.shape[1])
+
+        def step(graphed=graphed):
+            graphed(image, cloud, lengths, (), seed=0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps.append((kind, step))
+    return steps
 
 
 def profile(step_fn, label: str, top: int = 15) -> None:
@@ -134,6 +173,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ico-level", type=int, default=4)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--adam", default="fused", choices=["fused", "foreach"], help="Adam implementation")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time both steps replayed from CUDA graphs (the trainer's train.cuda_graphs)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the b32 full step")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -150,14 +191,20 @@ def main(argv: list[str]) -> int:
         for prec in args.precisions:
             rows.extend(bench_shape(name, prec, args, device))
             print(f"  {name} {prec} done ({time.time() - t0:.0f} s)", flush=True)
-    print("\n| shape | precision | backbone s/step | full s/step | full / backbone | full samples/s | "
+    print("\n| shape | precision | step | backbone s/step | full s/step | full / backbone | full samples/s | "
           "backbone peak GiB | full peak GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for i in range(0, len(rows), 2):
-        b, f = rows[i], rows[i + 1]
-        B, K, H, W, N = SHAPES[b.shape]
-        print(f"| B={B} K=P={K} {H}x{W} N={N} | {b.precision} | {b.median_s:.4f} | {f.median_s:.4f} | "
-              f"{f.median_s / b.median_s:.2f} | {f.samples_per_s:.0f} | {b.peak_gib:.2f} | {f.peak_gib:.2f} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    by = {(r.shape, r.precision, r.kind): r for r in rows}
+    for name in args.shapes:
+        B, K, H, W, N = SHAPES[name]
+        for prec in args.precisions:
+            pairs = [("eager", "backbone", "full")]
+            if args.cuda_graphs:
+                pairs += [("graph", "backbone-graph", "full-graph"), ("graph vs eager backbone", "backbone", "full-graph")]
+            for label, bk, fk in pairs:
+                b, f = by[(name, prec, bk)], by[(name, prec, fk)]
+                print(f"| B={B} K=P={K} {H}x{W} N={N} | {prec} | {label} | {b.median_s:.4f} | {f.median_s:.4f} | "
+                      f"{f.median_s / b.median_s:.2f} | {f.samples_per_s:.0f} | {b.peak_gib:.2f} | {f.peak_gib:.2f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([r.__dict__ for r in rows], fh, indent=1)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_mesh_cached
+from ._checks import capturing, check_mesh_cached
 
 
 def _face_vertex_index(faces: torch.Tensor, face_idx: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,13 @@ def sample_points_from_meshes(
         # (multinomial would fail on them with an unhelpful message)
         areas = face_areas(vd.float(), faces)  # (M, F), accumulated in fp32 for half inputs
         total = areas.sum(1)
-        if not bool(torch.isfinite(total).all() & (total > 0).all()):
+        if capturing(verts.device):
+            # No host reads during CUDA-graph capture. Give degenerate meshes uniform face weights so that
+            # multinomial stays valid; their points are NaN or collapsed, so the loss the trainer checks
+            # after every replay shows the problem (non-finite vertices give a non-finite loss).
+            ok = (torch.isfinite(total) & (total > 0))[:, None]
+            areas = torch.where(ok, areas, torch.ones_like(areas))
+        elif not bool(torch.isfinite(total).all() & (total > 0).all()):
             if not bool(torch.isfinite(vd).all()):
                 raise ValueError("verts: contains NaN or Inf")
             bad = (total <= 0).nonzero().flatten().tolist()[:8]

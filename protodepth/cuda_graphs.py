@@ -1,0 +1,128 @@
+"""One training micro-step (forward, loss, backward) captured in a CUDA graph and replayed.
+
+Why: the eager step is host-bound. At batch 32 it launches about 1 500 kernels from Python and the GPU sits idle
+more than half of each step (BENCHMARKS.md). A replay launches the whole captured step with one call.
+
+What a graph needs, and how this module provides it:
+- Static shapes. Every input is copied into a fixed buffer. Target clouds are zero-padded to the largest cloud the
+  data can give (`max_points`), and `lengths` says which points are real, so the padding changes no result.
+- No host reads during capture. The geometry's value checks skip themselves while a capture runs
+  (`geometry._checks.capturing`). They run in the eager warm-up steps, and the trainer checks every step's loss and
+  gradient norm for non-finite values after the replay.
+- Random numbers. The point-sampling generator is registered with every graph. Re-seeding it before a replay gives
+  the draws an eager step with that seed would make.
+- Gradients. Each graph's backward writes its own static `.grad` tensors. After a replay they are put back on the
+  parameters (a pointer assignment, no copy), and the optimizer step runs outside the graph, so the trainer can still
+  skip a non-finite step, clip, and change the learning rate.
+- Progressive sampling. There is one graph per distinct (samples_per_slot, max_targets), and all of them share one
+  memory pool.
+
+Limits: one process (no DDP/DeepSpeed: their collectives would have to be captured too), no gradient accumulation
+(a captured backward assigns gradients instead of adding to them), and no fp16 grad scaler. `train.py` checks these
+limits and names the field to change.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+
+class _Captured(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    outputs: Any  # whatever step_fn returned during capture: static tensors that each replay overwrites
+    grads: list  # the static .grad tensor of each parameter (None where the loss does not reach it)
+
+
+class GraphedStep:
+    """Run `step_fn` eagerly for `warmup` calls per shape key, then capture it once and replay it.
+
+    step_fn(image, cloud, lengths, key, generator) -> (outputs, loss) runs the forward pass and the loss; this class
+    calls `loss.backward()`. `key` is a hashable tuple of Python values that change the captured work (for the
+    trainer, (samples_per_slot, max_targets)). Inputs: image (B, C, H, W) any float layout, cloud (B, N, 3) with
+    N <= max_points, lengths (B,) int64; all on one CUDA device, B, C, H, W fixed for the life of the object.
+    After each call every parameter's `.grad` holds this step's gradient (None for parameters the loss does not
+    reach), exactly as after an eager `loss.backward()` from zeroed gradients.
+    """
+
+    def __init__(self, step_fn: Callable, params: list[torch.nn.Parameter], generator: torch.Generator,
+                 max_points: int, warmup: int = 2):
+        if generator.device.type != "cuda":
+            raise ValueError(f"generator: CUDA graphs need a CUDA generator, got one on {generator.device}")
+        if max_points < 1:
+            raise ValueError(f"max_points: expected >= 1, got {max_points}")
+        self.step_fn, self.params, self.gen = step_fn, list(params), generator
+        self.max_points, self.warmup = max_points, warmup
+        self.graphs: dict[tuple, _Captured] = {}
+        self.eager_calls: dict[tuple, int] = {}
+        self.pool = None
+        self.static: dict[str, torch.Tensor] = {}
+        self.side = torch.cuda.Stream(device=generator.device)
+
+    def _load(self, image: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Copy this batch into the static buffers (made on the first call, with the first image's layout)."""
+        n = cloud.shape[1]
+        if n > self.max_points:
+            raise ValueError(f"cloud: {n} points per image, more than the {self.max_points} the graph was sized for "
+                             "(data.num_bins * data.points_per_bin)")
+        if not self.static:
+            self.static = {
+                "image": torch.empty_like(image),
+                "cloud": torch.zeros(cloud.shape[0], self.max_points, 3, dtype=cloud.dtype, device=cloud.device),
+                "lengths": torch.empty_like(lengths),
+            }
+        s = self.static
+        if image.shape != s["image"].shape or cloud.shape[0] != s["cloud"].shape[0]:
+            raise ValueError(f"image: shape {tuple(image.shape)} differs from the captured {tuple(s['image'].shape)}; "
+                             "a CUDA-graph step needs a fixed batch (drop_last) and image size")
+        s["image"].copy_(image, non_blocking=True)
+        s["cloud"][:, :n].copy_(cloud, non_blocking=True)
+        if n < self.max_points:
+            s["cloud"][:, n:].zero_()
+        s["lengths"].copy_(lengths, non_blocking=True)
+
+    def _run(self, key: tuple):
+        s = self.static
+        outputs, loss = self.step_fn(s["image"], s["cloud"], s["lengths"], key, self.gen)
+        loss.backward()
+        return outputs
+
+    def __call__(self, image: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor, key: tuple, seed: int):
+        """One micro-step on this batch; returns step_fn's outputs (static tensors, valid until the next call)."""
+        self._load(image, cloud, lengths)
+        for p in self.params:
+            p.grad = None
+        captured = self.graphs.get(key)
+        if captured is None and self.eager_calls.get(key, 0) < self.warmup:
+            # Warm-up on a side stream, as the CUDA-graph docs ask: cuDNN autotuning, Triton compilation and
+            # the caching allocator's first allocations happen here, outside any capture.
+            self.eager_calls[key] = self.eager_calls.get(key, 0) + 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.gen.manual_seed(seed)
+                outputs = self._run(key)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return outputs
+        if captured is None:
+            captured = self._capture(key, seed)
+        self.gen.manual_seed(seed)
+        captured.graph.replay()
+        for p, g in zip(self.params, captured.grads):
+            p.grad = g
+        return captured.outputs
+
+    def _capture(self, key: tuple, seed: int) -> _Captured:
+        graph = torch.cuda.CUDAGraph()
+        # a registered generator reads its seed and offset from device memory at every replay, so manual_seed
+        # before replay() takes effect inside the graph
+        graph.register_generator_state(self.gen)
+        self.gen.manual_seed(seed)
+        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory while we capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            outputs = self._run(key)
+        # Later graphs may reuse this graph's freed temporaries, so replaying one graph can overwrite another's
+        # outputs: only the outputs of the latest replay are valid, which is all a training step reads.
+        self.pool = graph.pool()
+        captured = _Captured(graph, outputs, [p.grad for p in self.params])
+        self.graphs[key] = captured
+        return captured

@@ -1,0 +1,154 @@
+"""train.cuda_graphs: the captured step computes what the eager step computes, and bad setups are refused clearly."""
+import math
+
+import pytest
+import torch
+
+from protodepth.config import ConfigError, LossConfig, ModelConfig
+from protodepth.train import train
+from trainer_utils import tiny_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("train.grad_accum", 2, "train.grad_accum=1"),
+    ("train.mixed_precision", "fp16", "bf16"),
+    ("train.compile", True, "choose one"),
+])
+def test_cuda_graphs_refuses_settings_it_cannot_capture(tmp_path, field, value, needle):
+    with pytest.raises(ConfigError, match="train.cuda_graphs") as e:
+        tiny_config(tmp_path, **{"train.cuda_graphs": True, field: value})
+    assert needle in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_graphs_on_a_cpu_machine_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.cuda_graphs: needs a CUDA GPU"):
+        train(tiny_config(tmp_path, **{"train.cuda_graphs": True}))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------- GPU only
+
+def _small_problem(seed=0):
+    from protodepth.model import ProtoDepth
+
+    torch.manual_seed(seed)
+    model = ProtoDepth(ModelConfig(num_slots=3, num_prototypes=3, ico_level=1, trans_max=100.0,
+                                   head_input_scale=0.022)).cuda()
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(2, 3, 64, 64, generator=g).cuda()
+    cloud = (torch.rand(2, 300, 3, generator=g) * torch.tensor([40.0, 20.0, 57.0])
+             - torch.tensor([20.0, 10.0, 60.0])).cuda()
+    lengths = torch.tensor([300, 170]).cuda()
+    return model, image, cloud, lengths
+
+
+def _step_fn(model, cfg):
+    from protodepth.loss import proto_depth_loss
+
+    def fn(image, cloud, lengths, key, gen):
+        scene = model(image)
+        res = proto_depth_loss(scene.slot_verts, scene.prototypes, model.faces, cloud, lengths, cfg,
+                               samples_per_slot=key[0], generator=gen, max_targets=key[1])
+        return res.total.detach(), res.total
+    return fn
+
+
+def _eager(model, fn, image, cloud, lengths, key, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for p in model.parameters():
+        p.grad = None
+    loss, total = fn(image, cloud, lengths, key, gen)
+    total.backward()
+    return loss.clone(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.cuda
+@cuda
+def test_replayed_step_equals_eager_step_with_the_same_seed():
+    from protodepth.cuda_graphs import GraphedStep
+
+    model, image, cloud, lengths = _small_problem()
+    model.eval()  # batch norm in eval: both paths see the same weights and statistics, nothing else changes
+    fn = _step_fn(model, LossConfig(samples_per_slot=64))
+    key = (64, None)
+    graphed = GraphedStep(fn, list(model.parameters()), torch.Generator(device="cuda"), max_points=512)
+    for seed in (1, 2, 3):  # two warm-up calls, then capture + replay
+        loss = graphed(image, cloud, lengths, key, seed).clone()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    assert key in graphed.graphs
+    # the eager step on the unpadded cloud: padding to max_points must change nothing but summation order
+    ref_loss, ref_grads = _eager(model, fn, image, cloud, lengths, key, seed=3)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@cuda
+def test_replay_follows_the_generator_seed():
+    from protodepth.cuda_graphs import GraphedStep
+
+    model, image, cloud, lengths = _small_problem()
+    model.eval()
+    graphed = GraphedStep(_step_fn(model, LossConfig(samples_per_slot=32)), list(model.parameters()),
+                          torch.Generator(device="cuda"), max_points=300, warmup=1)
+    key = (32, None)
+    graphed(image, cloud, lengths, key, 0)
+    a = graphed(image, cloud, lengths, key, 5).clone()
+    b = graphed(image, cloud, lengths, key, 6).clone()
+    c = graphed(image, cloud, lengths, key, 5).clone()
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@cuda
+def test_each_progressive_level_gets_its_own_graph_and_stays_correct():
+    from protodepth.cuda_graphs import GraphedStep
+
+    model, image, cloud, lengths = _small_problem()
+    model.eval()
+    fn = _step_fn(model, LossConfig(samples_per_slot=64))
+    graphed = GraphedStep(fn, list(model.parameters()), torch.Generator(device="cuda"), max_points=300, warmup=1)
+    keys = [(16, 100), (64, None)]
+    for key in keys + keys:  # warm-up and capture of both
+        graphed(image, cloud, lengths, key, 7)
+    assert set(graphed.graphs) == set(keys)
+    for key in keys:  # replaying the other graph in between must not corrupt this one's results
+        loss = graphed(image, cloud, lengths, key, 9).clone()
+        ref, _ = _eager(model, fn, image, cloud, lengths, key, 9)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_trainer_with_cuda_graphs_tracks_the_eager_trainer(tmp_path, precision):
+    common = {"train.max_steps": 30, "train.log_every": 5, "train.mixed_precision": precision,
+              "data.synthetic_num_scenes": 6, "data.val_fraction": 0.34, "train.batch_size": 4, "optim.lr": 1e-3}
+    eager = train(tiny_config(tmp_path / "eager", **common))
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    graphed = train(tiny_config(tmp_path / "graphed", **common, **{"train.cuda_graphs": True}))
+    losses = [l for _, l in graphed["history"]]
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < 0.6 * losses[0], losses
+    for (s1, l1), (s2, l2) in zip(eager["history"], graphed["history"]):
+        assert s1 == s2
+        assert abs(l1 - l2) <= 0.05 * abs(l1), (eager["history"], graphed["history"])

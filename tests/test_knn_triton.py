@@ -153,6 +153,27 @@ _INTERP_SCRIPT = textwrap.dedent(
                 grad_dtype=str(g1.dtype),
                 rel1=float((g1.double() - r1).norm() / r1.norm()), rel2=float((g2.double() - r2).norm() / r2.norm()),
                 identical=bool(torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])))
+    # only the gradients autograd asks for: one cloud without requires_grad gets None and the other is unchanged
+    p1 = torch.randn(2, 37, 3); p2 = 0.3 * torch.randn(2, 11, 3); l2b = torch.tensor([11, 4])
+    for which in ("p1", "p2"):
+        a = p1.clone().requires_grad_(which == "p1"); b = p2.clone().requires_grad_(which == "p2")
+        d, i = knn_points_triton(a, b, l1, l2b, K=2, splits=2, spatial_sort=False)
+        w = torch.linspace(-1, 2, d.numel()).reshape(d.shape)
+        (d * w).sum().backward()
+        r1, r2 = reference_grads(p1, p2, l1, l2b, i, w)
+        got, ref, other = (a.grad, r1, b.grad) if which == "p1" else (b.grad, r2, a.grad)
+        out[f"onlygrad/{which}"] = dict(other_none=other is None,
+                                        rel=float((got.double() - ref).norm() / ref.norm()))
+    # a non-finite contribution marks only the candidate it went to (NaN there, exact gradients elsewhere)
+    b = p2.clone().requires_grad_()
+    d, i = knn_points_triton(p1, b, l1, l2b, K=1)
+    w = torch.ones_like(d); w[0, 5, 0] = float("inf")
+    (d * w).sum().backward()
+    _, r2 = reference_grads(p1, p2, l1, l2b, i, torch.where(torch.isinf(w), 0.0, w))
+    hit = torch.zeros(2, 11, dtype=torch.bool); hit[0, int(i[0, 5, 0])] = True
+    fin = torch.isfinite(b.grad).all(-1)
+    out["nonfinite"] = dict(nan_only_at_hit=bool(torch.equal(~fin, hit)),
+                            rel_rest=float((b.grad[fin].double() - r2[fin]).norm() / r2[fin].norm()))
     out["seconds"] = time.time() - t0
     print("seconds", out["seconds"], file=sys.stderr)
     print("JSON" + json.dumps(out))
@@ -199,6 +220,21 @@ def test_interpreter_backward_matches_autograd_and_is_deterministic(interp_repor
 
 
 @needs_triton
+def test_interpreter_backward_only_requested_gradients(interp_report):
+    for which in ("p1", "p2"):
+        r = interp_report[f"onlygrad/{which}"]
+        assert r["other_none"], f"{which}: the cloud without requires_grad got a gradient"
+        assert r["rel"] < 1e-6, f"{which}: {r}"
+
+
+@needs_triton
+def test_interpreter_nonfinite_contribution_marks_only_its_candidate(interp_report):
+    r = interp_report["nonfinite"]
+    assert r["nan_only_at_hit"], r
+    assert r["rel_rest"] < 1e-6, r
+
+
+@needs_triton
 def test_bad_inputs_raise_value_error():
     from protodepth.geometry.knn_triton import knn_points_triton
 
@@ -215,6 +251,8 @@ def test_bad_inputs_raise_value_error():
         knn_points_triton(p, p, torch.tensor([5]), torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="dtype"):
         knn_points_triton(p.int(), p.int())
+    with pytest.raises(ValueError, match="lengths2 must be an integer"):
+        knn_points_triton(p, p, torch.tensor([5, 5]), torch.tensor([5.0, 5.0]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,3 +361,61 @@ def test_cuda_gradients_bit_identical_across_runs():
         grads.append((a.grad, b.grad))
     for g1, g2 in grads[1:]:
         assert torch.equal(g1, grads[0][0]) and torch.equal(g2, grads[0][1])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_only_requested_gradients_match_both():
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    p1, p2, l1, l2 = _random_case(2, 3000, 2500, 3, torch.float32, seed=21)
+    w = torch.randn(2, 3000, 3, device="cuda")
+    a = p1.clone().requires_grad_()
+    b = p2.clone().requires_grad_()
+    d, _ = knn_points_triton(a, b, l1, l2, K=3)
+    (d * w).sum().backward()
+    for which in ("p1", "p2"):
+        a1 = p1.clone().requires_grad_(which == "p1")
+        b1 = p2.clone().requires_grad_(which == "p2")
+        d1, _ = knn_points_triton(a1, b1, l1, l2, K=3)
+        (d1 * w).sum().backward()
+        if which == "p1":
+            assert b1.grad is None and torch.equal(a1.grad, a.grad)
+        else:
+            assert a1.grad is None and torch.equal(b1.grad, b.grad)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("P1,P2,K,sort", [(3000, 4000, 1, True), (3000, 4000, 3, True), (500, 3000, 1, False),
+                                          (200, 3000, 2, False)])
+def test_cuda_graph_capture_of_forward_and_backward(P1, P2, K, sort):
+    """The whole knn fwd+bwd is capturable (no host sync, no host->device copies) and replays give eager results."""
+    from protodepth.geometry.knn_triton import knn_points_triton
+
+    p1, p2, l1, l2 = _random_case(2, P1, P2, 3, torch.float32, seed=P1 + K)
+    a = p1.clone().requires_grad_()
+    b = p2.clone().requires_grad_()
+    w = torch.randn(2, P1, K, device="cuda")
+
+    def step():
+        d, i = knn_points_triton(a, b, l1, l2, K=K, spatial_sort=sort)
+        g1, g2 = torch.autograd.grad((d * w).sum(), (a, b))
+        return d, i, g1, g2
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        eager = [t.clone() for t in step()]  # warm-up: compiles every kernel outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    # new inputs in place, then replay: the graph must follow the data, not the captured values
+    a.data.copy_(a.data.flip(1))
+    eager2 = [t.clone() for t in step()]
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(static, eager2):
+        assert torch.equal(got, want)
+    assert not torch.equal(eager2[1], eager[1])

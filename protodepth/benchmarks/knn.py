@@ -2,7 +2,8 @@
 
 Times `knn_points_triton` and the blocked PyTorch fallback (`knn._knn_points_torch`) in the same run, forward and
 forward+backward (gradients of dists.sum() w.r.t. both clouds), as the median of `triton.testing.do_bench` repeats
-(CUDA events, L2 flushed between repeats), on random normal clouds. Prints a markdown table beside PyTorch3D's
+(CUDA events, L2 flushed between repeats), on random normal clouds; also the kernel's forward+backward captured in
+a CUDA graph and replayed (what the trainer's captured step pays: no launch or Python cost). Prints a markdown table beside PyTorch3D's
 anchors (`knn_points`, float32, one H100, from the original system's measurements) and, with --out, writes JSON.
 """
 from __future__ import annotations
@@ -73,6 +74,71 @@ def time_one(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0, fwd_only=False):
     return t_fwd, t_fb
 
 
+def time_graph(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0):
+    """Median ms of one replay of forward+backward captured in a CUDA graph, as the trainer runs it: launch and
+    Python costs gone, only the device work left. None when impl cannot be captured (it syncs with the host)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(N, P1, 3, device="cuda", generator=g).to(dtype).requires_grad_()
+    b = torch.randn(N, P2, 3, device="cuda", generator=g).to(dtype).requires_grad_()
+    l1 = torch.full((N,), P1, dtype=torch.int64, device="cuda")
+    l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
+
+    def fwd_bwd():
+        d, _ = impl(a, b, l1, l2, K, 2, True)
+        return torch.autograd.grad(d.sum(), (a, b))
+
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fwd_bwd()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fwd_bwd()
+    except Exception as exc:  # host syncs are illegal while capturing
+        print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+    return _bench(graph.replay, rep_ms)
+
+
+def launches(impl, N, P1, P2, K, dtype, calls=5):
+    """(device work items per forward, per forward+backward, host wall ms per synchronised fwd+bwd call)."""
+    import time
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(N, P1, 3, device="cuda").to(dtype).requires_grad_()
+    b = torch.randn(N, P2, 3, device="cuda").to(dtype).requires_grad_()
+    l1 = torch.full((N,), P1, dtype=torch.int64, device="cuda")
+    l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
+
+    def fwd():
+        with torch.no_grad():
+            impl(a, b, l1, l2, K, 2, True)
+
+    def fwd_bwd():
+        d, _ = impl(a, b, l1, l2, K, 2, True)
+        torch.autograd.grad(d.sum(), (a, b))
+
+    counts = []
+    for fn in (fwd, fwd_bwd):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        counts.append(sum(e.device_type == DeviceType.CUDA for e in prof.events()) / calls)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        fwd_bwd()
+        torch.cuda.synchronize()
+    return counts[0], counts[1], 1e3 * (time.perf_counter() - t0) / 20
+
+
 SWEEP = [
     dict(block_q=32, block_c=32, num_warps=1, spatial_sort=True),
     dict(block_q=64, block_c=32, num_warps=2, spatial_sort=True),
@@ -108,6 +174,13 @@ def _profile(args, knn_points_triton) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
+    print("| shape | dtype | device items per fwd | per fwd+bwd | wall ms per synced fwd+bwd |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in args.shapes:
+        N, P1, P2, K = SHAPES[name][:4]
+        for dt in args.dtypes:
+            c = launches(knn_points_triton, N, P1, P2, K, DTYPES[dt])
+            print(f"| {name} | {dt} | {c[0]:g} | {c[1]:g} | {c[2]:.3f} |", flush=True)
     N, P1, P2, K = SHAPES[args.shapes[0]][:4]
     dtype = DTYPES[args.dtypes[0]]
     p1 = torch.randn(N, P1, 3, device="cuda").to(dtype).requires_grad_()
@@ -164,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             tri = time_one(knn_points_triton, N, P1, P2, K, DTYPES[dt], args.rep_ms)
             tor = (None, None) if args.no_torch else time_one(_knn_points_torch, N, P1, P2, K, DTYPES[dt], args.rep_ms)
             agree = (None, None) if args.no_torch else agreement(N, P1, P2, K, DTYPES[dt])
+            graph = time_graph(knn_points_triton, N, P1, P2, K, DTYPES[dt], args.rep_ms)
             row = dict(shape=name, N=N, P1=P1, P2=P2, K=K, dtype=dt, triton_fwd=tri[0], triton_fwd_bwd=tri[1],
+                       triton_graph_fwd_bwd=graph,
                        torch_fwd=tor[0], torch_fwd_bwd=tor[1], idx_agree=agree[0], max_abs_dist_diff=agree[1],
                        pytorch3d_fwd=ref_f if dt == "fp32" else None,
                        pytorch3d_fwd_bwd=ref_fb if dt == "fp32" else None)
@@ -175,16 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         return "-" if x is None else f"{x:.{nd}g}"
 
     print(f"\nGPU: {gpu}; torch {torch.__version__}; median ms of do_bench repeats (rep {args.rep_ms:g} ms)\n")
-    print("| shape (N x P1 x P2) | K | dtype | Triton fwd | Triton fwd+bwd | torch fwd | torch fwd+bwd "
-          "| PyTorch3D fwd / fwd+bwd (H100) | fwd vs PyTorch3D | fwd+bwd vs PyTorch3D | idx = torch path |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape (N x P1 x P2) | K | dtype | Triton fwd | Triton fwd+bwd | Triton fwd+bwd, CUDA graph | torch fwd "
+          "| torch fwd+bwd | PyTorch3D fwd / fwd+bwd (H100) | fwd vs PyTorch3D | fwd+bwd vs PyTorch3D "
+          "| idx = torch path |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         p3 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd']} / {r['pytorch3d_fwd_bwd']}"
         s1 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd'] / r['triton_fwd']:.1f}x"
         s2 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd_bwd'] / r['triton_fwd_bwd']:.1f}x"
         agree = "-" if r["idx_agree"] is None else f"{100 * r['idx_agree']:.4f}%"
         print(f"| {r['shape'].split('-')[0]} | {r['K']} | {r['dtype']} | {f(r['triton_fwd'])} | "
-              f"{f(r['triton_fwd_bwd'])} | {f(r['torch_fwd'])} | {f(r['torch_fwd_bwd'])} | {p3} | {s1} | {s2} | {agree} |")
+              f"{f(r['triton_fwd_bwd'])} | {f(r['triton_graph_fwd_bwd'])} | {f(r['torch_fwd'])} | {f(r['torch_fwd_bwd'])} | {p3} | {s1} | {s2} | {agree} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(gpu=gpu, torch=torch.__version__, rep_ms=args.rep_ms, rows=rows), fh, indent=1)

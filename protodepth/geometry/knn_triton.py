@@ -9,11 +9,12 @@ faster but cancels badly for points far from the origin and can swap near neighb
 
 Ties are broken towards the lower candidate index, both inside a tile and across tiles.
 
-Backward (no atomics, bit-identical across runs):
-- grad_p1[n, i] = sum_k g[n, i, k] * dD/dp1, a per-query gather in torch (fixed order).
-- grad_p2[n, j] = -sum over every (i, k) that chose j: the (n, idx) keys of all chosen pairs are sorted with a stable
-  sort, giving each candidate a contiguous segment (a CSR of the queries that chose it), and one Triton program per
-  block of candidates sums its segment in that fixed order.
+Backward (no float atomics, bit-identical across runs, only the gradients autograd asks for, no host sync):
+- grad_p1[n, i] = sum_k g[n, i, k] * dD/dp1: one kernel gathers each query's K neighbours and sums in fixed order.
+- grad_p2[n, j] = -sum over every (i, k) that chose j: each contribution becomes a 64-bit fixed-point integer (a
+  power-of-two scale from the largest contribution, found first) and is added with integer atomics, whose sum does
+  not depend on the order of arrival; a last pass converts back. Four launches whatever the imbalance between
+  candidates (a sort-based CSR of the chosen pairs, the previous version, took ~25 launches and 0.6-1.2 ms).
 
 Padding follows PyTorch3D: queries i >= lengths1[n] get dists 0 and idx 0; slots k >= lengths2[n] (K larger than
 the candidate cloud) get dists 0 and idx 0 after the valid, ascending neighbours.
@@ -55,15 +56,19 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _tile_dists(p1_base, p2_base, P1S, P2S, q, c, cmask,
-                    D: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
-        """(BLOCK_C, BLOCK_Q) direct-form distances from coordinate-major (D, P) clouds; +inf for masked candidates.
+    def _tile_dists(p1_base, p2_base, Q_SD, P2S, q, qmask, c, cmask,
+                    D: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, Q_SQ: tl.constexpr):
+        """(BLOCK_C, BLOCK_Q) direct-form distances; +inf for masked candidates.
 
+        Query coordinate d of query q sits at p1_base + d * Q_SD + q * Q_SQ: a coordinate-major (D, P) copy
+        (Q_SD = padded length, Q_SQ = 1) or the caller's (P, D) rows read in place (Q_SD = 1, Q_SQ = D; one query per
+        thread, so the strided load costs nothing). Candidates come from a coordinate-major (D, P2S) copy.
         Candidates run along dim 0 so that Triton's default layout gives each thread whole columns: the per-query
         reductions over candidates then stay inside a thread instead of crossing warps through shared memory.
         """
-        # unmasked: the coordinate-major copies are padded to whole tiles, which lets the loads vectorise
-        a = tl.load(p1_base + q).to(ACC)
+        # candidate loads unmasked: the coordinate-major copies are padded to whole tiles, which lets them
+        # vectorise; whatever the padding holds is replaced by +inf below
+        a = tl.load(p1_base + q * Q_SQ, mask=qmask, other=0.0).to(ACC)
         b = tl.load(p2_base + c).to(ACC)
         diff = a[None, :] - b[:, None]
         if NORM == 2:
@@ -71,7 +76,7 @@ if triton is not None:
         else:
             dist = tl.abs(diff)
         for d in tl.static_range(1, D):
-            a = tl.load(p1_base + d * P1S + q).to(ACC)
+            a = tl.load(p1_base + d * Q_SD + q * Q_SQ, mask=qmask, other=0.0).to(ACC)
             b = tl.load(p2_base + d * P2S + c).to(ACC)
             diff = a[None, :] - b[:, None]
             if NORM == 2:
@@ -83,15 +88,17 @@ if triton is not None:
     @triton.jit
     def _knn_fwd_kernel(
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
-        P1, P2, P1S, P2S, CHUNK, T1, T2,
+        P1, P2, P1N, Q_SD, P2S, CHUNK, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
-        ACC: tl.constexpr, FINAL: tl.constexpr, SORTED: tl.constexpr,
+        ACC: tl.constexpr, FINAL: tl.constexpr, SORTED: tl.constexpr, Q_SQ: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """One program: BLOCK_Q queries of cloud n against candidates [s*CHUNK, (s+1)*CHUNK) of cloud n.
 
-        p1 (N, D, P1S), p2 (N, D, P2S): coordinate-major contiguous copies padded to whole tiles (P1S a multiple
-        of BLOCK_Q, P2S of BLOCK_C); lengths (N,) int64.
+        p1: cloud n starts at p1_ptr + n * P1N; coordinate d of query q at + d * Q_SD + q * Q_SQ (the sorted
+        coordinate-major copy (N, D, P1S), or the caller's contiguous (N, P1, D) tensor read in place).
+        p2 (N, D, P2S): coordinate-major copy padded to whole tiles (P2S a multiple of BLOCK_C; the padding may hold
+        anything). lengths (N,) integer, clamped here to [0, P1] / [0, P2].
         Output (S, N, P1, K) with S = grid dim 2. FINAL (a single split): write PyTorch3D padding (0, 0) directly.
         Otherwise write +inf / -1 for empty slots and padded queries; the host merges the splits and pads.
 
@@ -117,7 +124,7 @@ if triton is not None:
         qmask = q < L1
         slot = tl.arange(0, KP)
         cols = tl.arange(0, BLOCK_C)
-        p1_base = p1_ptr + n.to(tl.int64) * P1S * D
+        p1_base = p1_ptr + n.to(tl.int64) * P1N
         p2_base = p2_ptr + n.to(tl.int64) * P2S * D
 
         if K == 1:
@@ -150,7 +157,7 @@ if triton is not None:
                 box = box_ptr + (n.to(tl.int64) * T2 + tile) * (2 * D)
                 lb = tl.zeros((BLOCK_Q,), ACC)
                 for d in tl.static_range(D):
-                    a = tl.load(p1_base + d * P1S + q).to(ACC)
+                    a = tl.load(p1_base + d * Q_SD + q * Q_SQ, mask=qmask, other=0.0).to(ACC)
                     lo = tl.load(box + d)
                     hi = tl.load(box + D + d)
                     gap = tl.maximum(tl.maximum(lo - a, a - hi), 0.0)
@@ -170,7 +177,7 @@ if triton is not None:
             if go:
                 c = c0 + cols
                 cmask = c < c_end
-                dist = _tile_dists(p1_base, p2_base, P1S, P2S, q, c, cmask, D, NORM, ACC)
+                dist = _tile_dists(p1_base, p2_base, Q_SD, P2S, q, qmask, c, cmask, D, NORM, ACC, Q_SQ)
                 if SORTED:
                     oidx = tl.load(perm2_ptr + n.to(tl.int64) * P2 + c, mask=cmask, other=0).to(tl.int32)
                 else:
@@ -373,43 +380,168 @@ if triton is not None:
             tl.store(lbs_ptr + (n.to(tl.int64) * T1 + t1) * T2 + t, lb, mask=tm)
 
     @triton.jit
-    def _knn_grad_p2_kernel(
-        p1_ptr, p2_ptr, g_ptr, order_ptr, seg_ptr, out_ptr,
-        NP2, P2, K,
-        D: tl.constexpr, DP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
-    ):
-        """grad_p2 rows [pid*BLOCK_J, ...) of the flat (N*P2, D) gradient, each summed over its CSR segment in order.
+    def _knn_merge_kernel(pd_ptr, pi_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, S, P1, P2,
+                          K: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """Merge S candidate splits (S, N, P1, K) (+inf / -1 in empty slots, each sorted by (dist, idx), split s
+        holding lower candidate indices than split s + 1) into (N, P1, K) with PyTorch3D padding, in one launch.
 
-        order (M,) int64: flat (n, i, k) entries of the chosen pairs sorted stably by their flat candidate row;
-        seg (N*P2 + 1,) int64: segment bounds into order. g (N, P1, K) fp32; p1 (N*P1, D); p2 (N*P2, D).
+        Fixed order (split by split, slot by slot) and the same (dist, idx) rule as the search, so the result is
+        the one a single split would give.
         """
-        j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-        jmask = j < NP2
+        pid = tl.program_id(0)
+        n = tl.program_id(1)
+        num_n = tl.num_programs(1)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        BIG: tl.constexpr = 2147483647
+        inf = float("inf")
+        q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row_ok = q < P1
+        qmask = q < L1
+        slot = tl.arange(0, KP)
+        if K == 1:
+            best1_d = tl.full((BLOCK_Q,), inf, tl.float32).to(pd_ptr.dtype.element_ty)
+            best1_i = tl.full((BLOCK_Q,), BIG, tl.int32)
+            for s in range(S):
+                base = (n.to(tl.int64) + s * num_n) * P1
+                m = tl.load(pd_ptr + base + q, mask=qmask, other=inf)
+                mi = tl.load(pi_ptr + base + q, mask=qmask, other=-1).to(tl.int32)
+                # a later split only holds larger indices: equal distances never replace
+                upd = m < best1_d
+                best1_d = tl.where(upd, m, best1_d)
+                best1_i = tl.where(upd, mi, best1_i)
+            valid = qmask & (L2 > 0) & (best1_d < inf)
+            tl.store(dist_ptr + n.to(tl.int64) * P1 + q, tl.where(valid, best1_d, 0.0), mask=row_ok)
+            tl.store(idx_ptr + n.to(tl.int64) * P1 + q, tl.where(valid, best1_i, 0).to(tl.int64), mask=row_ok)
+        else:
+            best_d = tl.where(slot[:, None] < K, tl.full((KP, BLOCK_Q), inf, tl.float32), -inf)
+            best_d = best_d.to(pd_ptr.dtype.element_ty)
+            best_i = tl.zeros((KP, BLOCK_Q), tl.int32) - 1 - slot[:, None]
+            for s in range(S):
+                base = ((n.to(tl.int64) + s * num_n) * P1 + q) * K
+                for k in range(K):
+                    m = tl.load(pd_ptr + base + k, mask=qmask, other=inf)
+                    mi = tl.load(pi_ptr + base + k, mask=qmask, other=-1).to(tl.int32)
+                    mx = tl.max(best_d, 0)
+                    at_mx = best_d == mx[None, :]
+                    ev = tl.max(tl.where(at_mx, best_i, -BIG), 0)
+                    ins = (m < inf) & ((m < mx) | ((m == mx) & (mi < ev)))
+                    sel = at_mx & (best_i == ev[None, :]) & ins[None, :]
+                    best_d = tl.where(sel, m[None, :], best_d)
+                    best_i = tl.where(sel, mi[None, :], best_i)
+            bd = tl.where(slot[:, None] < K, best_d, inf)
+            obase = (n.to(tl.int64) * P1 + q) * K
+            for k in range(K):
+                m = tl.min(bd, 0)
+                at_m = bd == m[None, :]
+                i_sel = tl.min(tl.where(at_m, best_i, BIG), 0)
+                bd = tl.where(at_m & (best_i == i_sel[None, :]), inf, bd)
+                valid = qmask & (k < L2) & (m < inf)
+                tl.store(dist_ptr + obase + k, tl.where(valid, m, 0.0), mask=row_ok)
+                tl.store(idx_ptr + obase + k, tl.where(valid, i_sel, 0).to(tl.int64), mask=row_ok)
+
+    @triton.jit
+    def _fixed_point_scale(acc_ptr, STAT, NE, F64: tl.constexpr):
+        """(scale, 1 / scale): powers of two such that NE contributions of magnitude <= the maximum stored at
+        acc[STAT] (its float bits) sum to less than 2^61 in magnitude once multiplied by scale."""
+        bits = tl.load(acc_ptr + STAT)
+        if F64:
+            mx = bits.to(tl.float64, bitcast=True)
+        else:
+            mx = bits.to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
+        bound = mx * NE
+        # floor(log2(bound)) from the exponent field (-1023 for 0); |sum| < 2^(e+1) * 2^(60-e) = 2^61
+        e = ((bound.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+        se = tl.minimum(tl.maximum(60 - e, -1000), 1000)
+        scale = ((se + 1023) << 52).to(tl.float64, bitcast=True)
+        inv = ((1023 - se) << 52).to(tl.float64, bitcast=True)
+        return scale, inv
+
+    @triton.jit
+    def _knn_bwd_kernel(
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, idx_ptr, g_ptr, gp1_ptr, acc_ptr,
+        P1, P2, K, GS0, GS1, GS2, STAT, BAD, NE,
+        D: tl.constexpr, DP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
+        PHASE: tl.constexpr, WANT_P1: tl.constexpr, WANT_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ):
+        """Backward over BLOCK_Q queries of cloud n and their K chosen candidates.
+
+        p1 (N, P1, D), p2 (N, P2, D) contiguous; idx (N, P1, K) int64; g: dL/d dists, element (n, i, k) at
+        n * GS0 + i * GS1 + k * GS2 (strides, so an expanded gradient needs no copy). c[n, i, k] = dD/dp1 * g is
+        the contribution of pair (i, idx[n, i, k]): +c to grad_p1[n, i], -c to grad_p2[n, idx].
+        PHASE 0: grad_p1 (N, P1, D) = sum over k in order (WANT_P1), and (WANT_P2) the largest finite |c| into
+            acc[STAT] (integer atomic max of its float bits).
+        PHASE 1: each finite c as a 64-bit fixed-point integer (scale from acc[STAT], a power of two) added into
+            acc[(n * P2 + j) * D + d] with integer atomics; a non-finite c marks acc[BAD + n * P2 + j].
+        Integer sums do not depend on the order of the additions, so grad_p2 is bit-identical across runs.
+        """
+        pid = tl.program_id(0)
+        n = tl.program_id(1)
+        n64 = n.to(tl.int64)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = q < L1
         dd = tl.arange(0, DP)
         dmask = dd < D
-        start = tl.load(seg_ptr + j, mask=jmask, other=0)
-        cnt = tl.load(seg_ptr + j + 1, mask=jmask, other=0) - start
-        pj = tl.load(p2_ptr + j[:, None].to(tl.int64) * D + dd[None, :],
-                     mask=jmask[:, None] & dmask[None, :], other=0.0).to(ACC)
-        acc = tl.zeros((BLOCK_J, DP), ACC)
-        max_cnt = tl.max(cnt, 0)
-        for t in range(max_cnt):
-            live = t < cnt
-            e = tl.load(order_ptr + start + t, mask=live, other=0)
-            row = e // K  # flat query row n*P1 + i
-            gv = tl.load(g_ptr + e, mask=live, other=0.0).to(ACC)
-            pq = tl.load(p1_ptr + row[:, None] * D + dd[None, :],
-                         mask=live[:, None] & dmask[None, :], other=0.0).to(ACC)
+        pq = tl.load(p1_ptr + (n64 * P1 + q[:, None]) * D + dd[None, :], mask=qmask[:, None] & dmask[None, :],
+                     other=0.0).to(ACC)
+        acc1 = tl.zeros((BLOCK_Q, DP), ACC)
+        amax = tl.zeros((BLOCK_Q, DP), ACC)
+        if PHASE == 1:
+            scale, inv = _fixed_point_scale(acc_ptr, STAT, NE, F64)
+        for k in range(K):
+            valid = qmask & (k < L2)
+            j = tl.load(idx_ptr + (n64 * P1 + q) * K + k, mask=valid, other=0)
+            valid = valid & (j >= 0) & (j < L2)
+            gv = tl.load(g_ptr + n64 * GS0 + q * GS1 + k * GS2, mask=valid, other=0.0).to(ACC)
+            m2 = valid[:, None] & dmask[None, :]
+            pj = tl.load(p2_ptr + (n64 * P2 + j[:, None]) * D + dd[None, :], mask=m2, other=0.0).to(ACC)
             diff = pq - pj
             if NORM == 2:
-                contrib = 2.0 * gv[:, None] * diff
+                c = 2.0 * diff * gv[:, None]
             else:
                 # PyTorch3D's subgradient of |x|: +1 where x > 0, else -1 (also at 0), as knn.py's torch path
-                sgn = tl.where(diff > 0, 1.0, -1.0).to(ACC)
-                contrib = gv[:, None] * sgn
-            acc -= tl.where(live[:, None], contrib, 0.0)
-        tl.store(out_ptr + j[:, None].to(tl.int64) * D + dd[None, :], acc,
-                 mask=jmask[:, None] & dmask[None, :])
+                c = tl.where(diff > 0, 1.0, -1.0).to(ACC) * gv[:, None]
+            c = tl.where(m2, c, 0.0)
+            finite = (c == c) & (tl.abs(c) < float("inf"))
+            if PHASE == 0:
+                if WANT_P1:
+                    acc1 += c
+                if WANT_P2:
+                    amax = tl.maximum(amax, tl.where(finite, tl.abs(c), 0.0))
+            else:
+                v = tl.floor(c.to(tl.float64) * scale + 0.5).to(tl.int64)
+                tl.atomic_add(acc_ptr + (n64 * P2 + j[:, None]) * D + dd[None, :], v, mask=m2 & finite & (v != 0))
+                bad = tl.max(tl.where(finite, 0, 1), 1)  # c is 0 (finite) outside m2
+                tl.atomic_max(acc_ptr + BAD + n64 * P2 + j, bad.to(tl.int64), mask=valid & (bad > 0))
+        if PHASE == 0:
+            if WANT_P1:
+                tl.store(gp1_ptr + (n64 * P1 + q[:, None]) * D + dd[None, :], acc1.to(gp1_ptr.dtype.element_ty),
+                         mask=(q < P1)[:, None] & dmask[None, :])
+            if WANT_P2:
+                m = tl.max(tl.max(amax, 1), 0)
+                if F64:
+                    mbits = m.to(tl.int64, bitcast=True)
+                else:
+                    mbits = m.to(tl.int32, bitcast=True).to(tl.int64)
+                tl.atomic_max(acc_ptr + STAT, mbits)
+
+    @triton.jit
+    def _knn_grad_p2_finish_kernel(acc_ptr, out_ptr, ND, STAT, BAD, NE,
+                                   D: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        """grad_p2 (N*P2*D,) = -(fixed-point sums) / scale in the output dtype; NaN where a contribution was not
+        finite. Exact: int64 -> float64 and the power-of-two division round at most once before the output cast."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        rm = r < ND
+        scale, inv = _fixed_point_scale(acc_ptr, STAT, NE, F64)
+        v = tl.load(acc_ptr + r, mask=rm, other=0)
+        bad = tl.load(acc_ptr + BAD + r // D, mask=rm, other=0)
+        x = -(v.to(tl.float64) * inv)
+        x = tl.where(bad != 0, float("nan"), x)
+        if not F64:
+            x = x.to(tl.float32)  # through fp32: Triton's interpreter turned a direct fp64 -> bf16 cast into NaN
+        tl.store(out_ptr + r, x.to(out_ptr.dtype.element_ty), mask=rm)
 
 
 def _next_pow2(x: int) -> int:
@@ -484,10 +616,11 @@ def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.devi
 
 
 def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
-    """(N, P, D) -> contiguous (N, D, padded) copy, zero beyond P (padded >= P)."""
+    """(N, P, D) -> contiguous (N, D, padded) copy in one launch; entries past P are left unwritten (the kernel
+    replaces whatever they hold by +inf)."""
     N, P, D = x.shape
-    out = torch.zeros((N, D, padded), dtype=x.dtype, device=x.device)
-    out[:, :, :P] = x.transpose(1, 2)
+    out = torch.empty((N, D, padded), dtype=x.dtype, device=x.device)
+    out[:, :, :P].copy_(x.transpose(1, 2))
     return out
 
 
@@ -555,98 +688,105 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
     for name, lengths in (("lengths1", lengths1), ("lengths2", lengths2)):
         if lengths.shape != (p1.shape[0],):
             raise ValueError(f"{name} must have shape ({p1.shape[0]},), got {tuple(lengths.shape)}")
+        if lengths.numel() and (lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool):
+            raise ValueError(f"{name} must be an integer tensor, got {lengths.dtype}")
     if p1.device.type != "cuda" and not _interpreting():
         raise ValueError(f"p1 must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {p1.device}")
 
 
 def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None, num_warps=None,
                  spatial_sort=None):
-    """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding."""
+    """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding.
+
+    lengths (N,) integer tensors on p1's device; the kernels clamp them to [0, P1] / [0, P2]. Launches: brute force
+    2 (candidate copy, search) plus 1 merge when the candidates are split; the sorted path about 12. No host sync.
+    """
     N, P1, D = p1.shape
     P2 = p2.shape[1]
     dev = p1.device
     out_dtype = _out_dtype(p1.dtype)
     if N == 0 or P1 == 0:
         return torch.zeros(N, P1, K, dtype=out_dtype, device=dev), torch.zeros(N, P1, K, dtype=torch.int64, device=dev)
-    l1 = lengths1.to(device=dev, dtype=torch.int64).clamp(0, P1).contiguous()
-    l2 = lengths2.to(device=dev, dtype=torch.int64).clamp(0, P2).contiguous()
+    l1, l2 = lengths1, lengths2
     bq, bc, S, chunk, warps, sort = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps,
                                                     spatial_sort)
+    p1d = p1.detach()
     if sort and P2 > 0:
-        p1c, p2c, perm1, perm2, box, order, lbs = _spatial_sort(p1, p2, l1, l2, bq, bc, norm)
+        p1c, p2c, perm1, perm2, box, order, lbs = _spatial_sort(p1d, p2.detach(), l1, l2, bq, bc, norm)
         T1, T2 = order.shape[1], order.shape[2]
+        p1n, q_sd, q_sq = D * p1c.shape[2], p1c.shape[2], 1
     else:
         sort = False
-        # coordinate-major (N, D, P) copies: O(N P D), contiguous candidate loads
-        p1c = _coord_major(p1.detach(), triton.cdiv(P1, bq) * bq)
+        # queries are read in place from the (N, P1, D) rows (one query per thread); candidates need the
+        # coordinate-major copy for 16-byte loads: O(N P2 D), one launch
+        p1c = p1d.contiguous()
         p2c = _coord_major(p2.detach(), triton.cdiv(max(P2, 1), bc) * bc)
+        p1n, q_sd, q_sq = P1 * D, 1, D
         perm1 = perm2 = box = order = lbs = l1  # never read
         T1 = T2 = 1
     dists = torch.empty(S, N, P1, K, dtype=out_dtype, device=dev)
     idx = torch.empty(S, N, P1, K, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(P1, bq), N, S)
+    kp = _next_pow2(max(K, 2))
     _knn_fwd_kernel[grid](
-        p1c, p2c, l1, l2, dists, idx, perm1, perm2, box, order, lbs, P1, P2, p1c.shape[2], p2c.shape[2], chunk, T1, T2,
-        K=K, KP=_next_pow2(max(K, 2)), D=D, NORM=norm, ACC=_acc_dtype(p1.dtype), FINAL=(S == 1), SORTED=sort,
+        p1c, p2c, l1, l2, dists, idx, perm1, perm2, box, order, lbs, P1, P2, p1n, q_sd, p2c.shape[2], chunk, T1, T2,
+        K=K, KP=kp, D=D, NORM=norm, ACC=_acc_dtype(p1.dtype), FINAL=(S == 1), SORTED=sort, Q_SQ=q_sq,
         BLOCK_Q=bq, BLOCK_C=bc, num_warps=warps,
     )
     if S == 1:
         return dists[0], idx[0]
-    # Splits hold increasing candidate ranges, each sorted by (dist, idx): a stable sort of the split-major
-    # concatenation keeps equal distances in ascending index order.
-    cat_d = dists.permute(1, 2, 0, 3).reshape(N, P1, S * K)
-    cat_i = idx.permute(1, 2, 0, 3).reshape(N, P1, S * K)
-    sd, order = torch.sort(cat_d, dim=2, stable=True)
-    sd = sd[:, :, :K]
-    si = torch.gather(cat_i, 2, order[:, :, :K])
-    ar_q = torch.arange(P1, device=dev)[None, :, None]
-    ar_k = torch.arange(K, device=dev)[None, None, :]
-    valid = (ar_q < l1[:, None, None]) & (ar_k < l2[:, None, None]) & (si >= 0)
-    return sd.masked_fill(~valid, 0.0).contiguous(), si.masked_fill(~valid, 0).contiguous()
+    # splits hold increasing candidate ranges, each sorted by (dist, idx): merged in one launch
+    out_d = torch.empty(N, P1, K, dtype=out_dtype, device=dev)
+    out_i = torch.empty(N, P1, K, dtype=torch.int64, device=dev)
+    mq = 16 if _interpreting() else 32
+    _knn_merge_kernel[(triton.cdiv(P1, mq), N)](dists, idx, l1, l2, out_d, out_i, S, P1, P2, K=K, KP=kp,
+                                                 BLOCK_Q=mq, num_warps=1)
+    return out_d, out_i
 
 
-def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm):
-    """(grad_p1 (N, P1, D), grad_p2 (N, P2, D)) in the inputs' dtype; deterministic, no atomics."""
+def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=True, want_p2=True):
+    """(grad_p1 (N, P1, D) or None, grad_p2 (N, P2, D) or None) in the inputs' dtype; only the wanted ones computed.
+
+    grad_p1: one launch, a fixed-order sum over k per query. grad_p2: 64-bit fixed-point sums through integer
+    atomics (order-independent, so bit-identical across runs; no float atomics) in 4 launches: zeroed
+    accumulator, largest contribution (for the scale), accumulation, conversion. The scale is a power of two
+    with sum bound 2^61 for N*P1*K contributions, so each candidate's gradient carries an absolute error of at most
+    (its number of contributions) * max|contribution| * N*P1*K * 2^-60, far below fp32 rounding at these sizes.
+    No host sync.
+    """
     N, P1, D = p1.shape
     P2 = p2.shape[1]
     K = idx.shape[2]
     dev = p1.device
-    acc = _out_dtype(p1.dtype)
-    l1 = lengths1.to(device=dev, dtype=torch.int64)
-    l2 = lengths2.to(device=dev, dtype=torch.int64)
-    ar_q = torch.arange(P1, device=dev)[None, :, None]
-    ar_k = torch.arange(K, device=dev)[None, None, :]
-    valid = (ar_q < l1[:, None, None]) & (ar_k < l2[:, None, None])
-    g = torch.where(valid, grad_dists.to(acc), torch.zeros((), dtype=acc, device=dev)).contiguous()
-
-    p1a = p1.detach().to(acc)
-    p2a = p2.detach().to(acc)
-    # grad_p1: gather the K chosen candidates of every query and sum over k in a fixed order
-    rows = (torch.arange(N, device=dev)[:, None, None] * P2 + idx.clamp(0, max(P2 - 1, 0))).reshape(-1)
-    if P2 > 0:
-        nb = p2a.reshape(N * P2, D).index_select(0, rows).reshape(N, P1, K, D)
-    else:
-        nb = torch.zeros(N, P1, K, D, dtype=acc, device=dev)
-    diff = p1a[:, :, None, :] - nb
-    contrib = 2.0 * diff if norm == 2 else torch.where(diff > 0, 1.0, -1.0).to(acc)
-    grad_p1 = (g[..., None] * contrib).sum(2)
-
-    grad_p2 = torch.zeros(N * P2, D, dtype=acc, device=dev)
-    if N * P2 > 0:
-        # CSR of the queries that chose each candidate: stable sort of flat candidate rows (invalid pairs last)
-        keys = torch.where(valid.reshape(-1), rows, N * P2)
-        # int32 keys when they fit: half the radix passes of the sort
-        kdt = torch.int32 if N * P2 < 2**31 - 1 else torch.int64
-        sorted_keys, order = torch.sort(keys.to(kdt), stable=True)
-        seg = torch.searchsorted(sorted_keys, torch.arange(N * P2 + 1, device=dev, dtype=kdt))
-        block_j = 16 if _interpreting() else 128
-        grid = (triton.cdiv(N * P2, block_j),)
-        _knn_grad_p2_kernel[grid](
-            p1a.reshape(N * P1, D).contiguous(), p2a.reshape(N * P2, D).contiguous(), g, order, seg, grad_p2,
-            N * P2, P2, K, D=D, DP=_next_pow2(D), NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_J=block_j,
-            num_warps=4,
-        )
-    return grad_p1.to(p1.dtype), grad_p2.reshape(N, P2, D).to(p2.dtype)
+    if N * P1 == 0 or P2 == 0:  # no chosen pairs
+        return (torch.zeros_like(p1) if want_p1 else None), (torch.zeros_like(p2) if want_p2 else None)
+    a = p1.detach().contiguous()
+    b = p2.detach().contiguous()
+    idx = idx.contiguous()
+    f64 = p1.dtype == torch.float64
+    interp = _interpreting()
+    bq = 16 if interp else 128
+    dp = _next_pow2(D)
+    grid = (triton.cdiv(P1, bq), N)
+    gs = grad_dists.stride()
+    grad_p1 = torch.empty_like(a) if want_p1 else None
+    nd = N * P2 * D
+    stat, bad = nd + N * P2, nd
+    # accumulator: N*P2*D fixed-point sums, N*P2 non-finite flags, the max |contribution| bits
+    acc = torch.zeros(nd + N * P2 + 1 if want_p2 else 1, dtype=torch.int64, device=dev)
+    ne = float(N * P1 * K)
+    common = dict(D=D, DP=dp, NORM=norm, ACC=_acc_dtype(p1.dtype), F64=f64, WANT_P1=want_p1, WANT_P2=want_p2,
+                  BLOCK_Q=bq, num_warps=4)
+    _knn_bwd_kernel[grid](a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc,
+                          P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, PHASE=0, **common)
+    if not want_p2:
+        return grad_p1, None
+    _knn_bwd_kernel[grid](a, b, lengths1, lengths2, idx, grad_dists, a, acc,
+                          P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, PHASE=1, **common)
+    grad_p2 = torch.empty_like(b)
+    blk = 256 if interp else 1024
+    _knn_grad_p2_finish_kernel[(triton.cdiv(nd, blk),)](acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
+    return grad_p1, grad_p2
 
 
 class _KnnPointsTriton(torch.autograd.Function):
@@ -660,11 +800,13 @@ class _KnnPointsTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_dists, grad_idx):
-        p1, p2, lengths1, lengths2, idx = ctx.saved_tensors
-        if grad_dists is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        want_p1, want_p2 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_dists is None or not (want_p1 or want_p2):
             return (None,) * 7
-        g1, g2 = _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, ctx.norm)
-        return (g1 if ctx.needs_input_grad[0] else None, g2 if ctx.needs_input_grad[1] else None) + (None,) * 5
+        p1, p2, lengths1, lengths2, idx = ctx.saved_tensors
+        # only what autograd asks for: in a Chamfer term one cloud is often data without gradient
+        g1, g2 = _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, ctx.norm, want_p1, want_p2)
+        return (g1, g2) + (None,) * 5
 
 
 def knn_points_triton(
@@ -717,4 +859,9 @@ def knn_points_triton(
 
         return _knn_points_torch(p1, p2, lengths1, lengths2, K, norm, return_sorted)
     _check_inputs(p1, p2, lengths1, lengths2, K, norm)
+    # the kernels read int32/int64 lengths on the device and clamp them; anything else costs a conversion launch
+    if lengths1.device != p1.device or lengths1.dtype not in (torch.int32, torch.int64):
+        lengths1 = lengths1.to(device=p1.device, dtype=torch.int64)
+    if lengths2.device != p1.device or lengths2.dtype not in (torch.int32, torch.int64):
+        lengths2 = lengths2.to(device=p1.device, dtype=torch.int64)
     return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, (block_q, block_c, splits, num_warps, spatial_sort))

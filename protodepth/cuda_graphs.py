@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import torch
+from torch.utils._pytree import tree_map
 
 
 class _Captured(NamedTuple):
@@ -85,7 +86,9 @@ class GraphedStep:
         s = self.static
         outputs, loss = self.step_fn(s["image"], s["cloud"], s["lengths"], key, self.gen)
         loss.backward()
-        return outputs
+        # Detached: an output that still holds the autograd graph keeps its AccumulateGrad nodes alive, and a
+        # node made on the warm-up stream then runs the next (captured) backward's accumulation on that stream.
+        return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, outputs)
 
     def __call__(self, image: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor, key: tuple, seed: int):
         """One micro-step on this batch; returns step_fn's outputs (static tensors, valid until the next call)."""

@@ -136,6 +136,16 @@ _INTERP_SCRIPT = textwrap.dedent(
         out[f"pad/far/K{K}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
                                    max_abs=float((d.double() - rd).abs().max()),
                                    max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-12)).max()))
+    # float64 (tile bounds rounded down to fp32 for the in-register sort) and rows longer than that sort takes
+    # (torch.sort of the bounds instead): both exact
+    import protodepth.geometry.knn_triton as kt
+    p1 = torch.randn(2, 40, 3, dtype=torch.float64); p2 = torch.randn(2, 150, 3, dtype=torch.float64)
+    for name, limit in (("f64/sorted", kt._MAX_SORT_TILES), ("f64/longrows", 4)):
+        kt._MAX_SORT_TILES, saved = limit, kt._MAX_SORT_TILES
+        d, i = knn_points_triton(p1, p2, b1 - 10, b2 - 50, K=3, spatial_sort=True)
+        kt._MAX_SORT_TILES = saved
+        rd, ri = dense_knn_reference(p1, p2, b1 - 10, b2 - 50, 3)
+        out[name] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()), max_abs=float((d - rd).abs().max()))
     # backward against autograd of the chosen pairs, float32 and bf16, twice for determinism
     for dtype, norm, K in ((torch.float32, 2, 1), (torch.float32, 2, 3), (torch.float32, 1, 5), (torch.bfloat16, 2, 3)):
         if True:
@@ -217,6 +227,14 @@ def test_interpreter_backward_matches_autograd_and_is_deterministic(interp_repor
         assert r["rel1"] < tol and r["rel2"] < tol, f"{name}: {r}"
         assert r["identical"], f"{name}: two backward runs differ"
         assert r["grad_dtype"] == ("torch.float32" if "float32" in name else "torch.bfloat16")
+
+
+@needs_triton
+def test_interpreter_float64_and_long_candidate_rows(interp_report):
+    for name in ("f64/sorted", "f64/longrows"):
+        r = interp_report[name]
+        assert r["dtype"] == "torch.float64" and r["idx_equal"], f"{name}: {r}"
+        assert r["max_abs"] < 1e-12, f"{name}: {r}"
 
 
 @needs_triton

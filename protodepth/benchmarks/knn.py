@@ -208,6 +208,36 @@ def _profile(args, knn_points_triton) -> int:
     return 0
 
 
+def _host(args, knn_points_triton) -> int:
+    """Host-side cost: cProfile of 50 forward+backward calls of the first shape, per dtype (top functions)."""
+    import cProfile
+    import pstats
+
+    N, P1, P2, K = SHAPES[args.shapes[0]][:4]
+    for dt in args.dtypes:
+        a = torch.randn(N, P1, 3, device="cuda").to(DTYPES[dt]).requires_grad_()
+        b = torch.randn(N, P2, 3, device="cuda").to(DTYPES[dt]).requires_grad_()
+        l1 = torch.full((N,), P1, dtype=torch.int64, device="cuda")
+        l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
+
+        def step():
+            d, _ = knn_points_triton(a, b, l1, l2, K, 2, True)
+            torch.autograd.grad(d.sum(), (a, b))
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        print(f"== {args.shapes[0]} {dt}: 50 fwd+bwd calls")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmark.py knn", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -217,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="time forward tilings (block_q, block_c, warps, splits)")
     ap.add_argument("--profile", action="store_true",
                     help="per-kernel CUDA times (torch.profiler) of forward+backward for the first shape and dtype")
+    ap.add_argument("--host", action="store_true", help="cProfile of the host side of forward+backward")
     ap.add_argument("--out", default=None, help="also write the rows as JSON to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -230,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args, knn_points_triton)
     if args.profile:
         return _profile(args, knn_points_triton)
+    if args.host:
+        return _host(args, knn_points_triton)
     rows = []
     for name in args.shapes:
         N, P1, P2, K, ref_f, ref_fb = SHAPES[name]

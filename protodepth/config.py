@@ -153,9 +153,10 @@ class TrainConfig:
     wandb_project: str = "protodepth"
     run_name: str | None = None
     compile: bool = False  # torch.compile the model's forward
-    # capture forward + loss + backward in CUDA graphs and replay them (one GPU process, bf16/fp32, no accumulation):
-    # removes the host's kernel-launch time, which bounds the eager step (BENCHMARKS.md)
-    cuda_graphs: bool = False
+    # Replay forward + loss + backward from CUDA graphs: removes the host's kernel-launch time, which bounds the
+    # eager step (BENCHMARKS.md). Needs one GPU process, no fp16, no accumulation, no compile. "auto": on exactly
+    # when those hold (the run says so at start), true: on or a clear error, false: off.
+    cuda_graphs: bool | str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exact resume tests
     viz_every: int = 0  # pictures + meshes of the current batch every N steps and at the end (0: only at the end)
     viz_images: int = 4  # images of the batch drawn per snapshot (the main process's share of the batch)
@@ -175,7 +176,9 @@ class TrainConfig:
         _one_of(self.wandb, "train.wandb", ("auto", "online", "offline", "disabled"))
         _one_of(self.on_nonfinite, "train.on_nonfinite", ("error", "skip"))
         _check(self.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 second")
-        if self.cuda_graphs:
+        _check(isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto", "train.cuda_graphs",
+               f"got {self.cuda_graphs!r}, expected true, false or 'auto'")
+        if self.cuda_graphs is True:
             _check(self.grad_accum == 1, "train.cuda_graphs",
                    f"needs train.grad_accum=1 (got {self.grad_accum}): a captured backward assigns gradients, it cannot "
                    "add to them; raise train.batch_size instead, or set train.cuda_graphs=false")

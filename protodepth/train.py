@@ -341,17 +341,17 @@ def train(cfg: Config) -> dict:
         return (scene, res), res.total
 
     graphed = None
-    if t.cuda_graphs:
-        if accelerator.device.type != "cuda":
-            raise ConfigError("train.cuda_graphs: needs a CUDA GPU, this run is on "
-                              f"{accelerator.device}; set train.cuda_graphs=false")
-        if world > 1 or is_deepspeed:
-            raise ConfigError(f"train.cuda_graphs: captures the step of one process, this run has {world} "
-                              f"process(es) ({accelerator.distributed_type}); set train.cuda_graphs=false for "
-                              "DDP and DeepSpeed runs")
+    why_not = cuda_graphs_blocker(cfg, accelerator.device, world, is_deepspeed)
+    if t.cuda_graphs is True and why_not:
+        raise ConfigError(f"train.cuda_graphs: {why_not}; set train.cuda_graphs=false (or auto)")
+    if t.cuda_graphs is not False and not why_not:
         from protodepth.cuda_graphs import GraphedStep
 
         graphed = GraphedStep(forward_loss, list(model.parameters()), sample_gen, max_points=full_targets)
+        log("CUDA graphs: on (forward, loss and backward replayed after 2 eager warm-up steps per sampling level; "
+            "train.cuda_graphs=false turns them off)")
+    elif t.cuda_graphs == "auto" and accelerator.device.type == "cuda":
+        log(f"CUDA graphs: off ({why_not})")
     micro = 0
     viz_done, last_batch = -1, None
     done = state.step >= t.max_steps
@@ -474,6 +474,7 @@ def train(cfg: Config) -> dict:
         "rank_checksums": rank_checksums,
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": t.mixed_precision,
+        "cuda_graphs": graphed is not None,
         "checkpoint": str(ckpt.checkpoint_dirs(ckpt_root)[-1]) if ckpt.checkpoint_dirs(ckpt_root) else None,
         "output_dir": str(out),
     }
@@ -488,6 +489,23 @@ def train(cfg: Config) -> dict:
     gc.collect()
     accelerator.end_training()
     return summary
+
+
+def cuda_graphs_blocker(cfg: Config, device: torch.device, world: int, is_deepspeed: bool) -> str | None:
+    """Why this run cannot replay its step from CUDA graphs (None: it can)."""
+    t = cfg.train
+    if device.type != "cuda":
+        return f"needs a CUDA GPU, this run is on {device}"
+    if world > 1 or is_deepspeed:
+        return (f"captures the step of one process, this run has {world} process(es)"
+                f"{' under DeepSpeed' if is_deepspeed else ''}: DDP/DeepSpeed collectives are not captured")
+    if t.grad_accum > 1:
+        return "needs train.grad_accum=1: a captured backward assigns gradients, it cannot add to them"
+    if t.mixed_precision == "fp16":
+        return "does not work with fp16's grad scaler; bf16 does"
+    if t.compile:
+        return "is not combined with train.compile"
+    return None
 
 
 def _summary_text(s: dict) -> str:

@@ -505,6 +505,10 @@ def cuda_graphs_blocker(cfg: Config, device: torch.device, world: int, is_deepsp
         return "does not work with fp16's grad scaler; bf16 does"
     if t.compile:
         return "is not combined with train.compile"
+    if cfg.progressive.shape in ("linear", "cosine"):
+        # every new (samples, targets) pair is a new capture with its own memory: plateaus only
+        return (f"progressive.shape={cfg.progressive.shape} changes the point counts every step; "
+                "progressive.shape=step (num_levels plateaus, one graph each) works with graphs")
     return None
 
 

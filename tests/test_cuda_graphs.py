@@ -54,6 +54,7 @@ def test_cuda_graphs_auto_stays_off_without_a_gpu(tmp_path):
     ({"train.grad_accum": 2}, "grad_accum=1"),
     ({"train.mixed_precision": "fp16"}, "fp16"),
     ({"train.compile": True}, "compile"),
+    ({"progressive.shape": "linear", "progressive.steps": 10}, "progressive.shape=step"),
 ])
 def test_cuda_graphs_blocker_names_the_reason(tmp_path, extra, needle):
     from protodepth.train import cuda_graphs_blocker

@@ -136,6 +136,14 @@ _INTERP_SCRIPT = textwrap.dedent(
         out[f"pad/far/K{K}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
                                    max_abs=float((d.double() - rd).abs().max()),
                                    max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-12)).max()))
+    # one far outlier stretches the joint box: every other point falls into one Morton cell, in arbitrary order
+    p1 = 0.01 * torch.randn(2, 45, 3); p2 = 0.01 * torch.randn(2, 90, 3); p2[:, 7] = 1e4
+    for K in (1, 3):
+        d, i = knn_points_triton(p1, p2, torch.tensor([45, 30]), torch.tensor([90, 77]), K=K, spatial_sort=True)
+        rd, ri = dense_knn_reference(p1, p2, torch.tensor([45, 30]), torch.tensor([90, 77]), K)
+        out[f"pad/onecell/K{K}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
+                                       max_abs=float((d.double() - rd).abs().max()),
+                                       max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-12)).max()))
     # float64 (tile bounds rounded down to fp32 for the in-register sort) and rows longer than that sort takes
     # (torch.sort of the bounds instead): both exact
     import protodepth.geometry.knn_triton as kt

@@ -103,7 +103,7 @@ if triton is not None:
         Output (S, N, P1, K) with S = grid dim 2. FINAL (a single split): write PyTorch3D padding (0, 0) directly.
         Otherwise write +inf / -1 for empty slots and padded queries; the host merges the splits and pads.
 
-        SORTED: p1 and p2 are sorted along a Morton curve (valid points first), perm1/perm2 (N, P1)/(N, P2) int32
+        SORTED: p1 and p2 are sorted by Morton cell (valid points first), perm1/perm2 (N, P1)/(N, P2) int32
         map sorted positions to original indices, box (N, T2, 2, D) holds each candidate tile's bounding box,
         order (N, T1, T2) int32 (int64 from torch.sort for very long rows) lists the candidate tiles of each query
         tile by ascending box-to-box lower bound and lbs (N, T1, T2) holds those bounds. The program walks its list and stops at the first tile whose bound
@@ -302,7 +302,7 @@ if triton is not None:
         return (v | (v << 2)) & 0x09249249
 
     @triton.jit
-    def _morton_block(p_ptr, len_ptr, part_ptr, key_ptr, P, NCH, n, blk, seg,
+    def _bucket_block(p_ptr, len_ptr, part_ptr, bkt_ptr, cnt_ptr, P, NCH, n, blk, seg,
                       B: tl.constexpr, D: tl.constexpr, DM: tl.constexpr, DP: tl.constexpr, NCHP: tl.constexpr,
                       ACC: tl.constexpr, BLOCK: tl.constexpr):
         r = blk * BLOCK + tl.arange(0, BLOCK)
@@ -327,53 +327,92 @@ if triton is not None:
             g = tl.where(g == g, g, 0.0)  # NaN coordinates: anywhere on the curve, results stay exact
             g = tl.minimum(tl.maximum(g, 0.0), top)
             code = code | (_spread10(g.to(tl.int32)) << d)
-        # padding: the largest code of the segment; the stable sort keeps it after the valid points before it
-        code = tl.where(r < L, code, (1 << (3 * B)) - 1)
-        tl.store(key_ptr + n.to(tl.int64) * P + r, (seg << (3 * B)) | code, mask=rm)
+        # padding points: a bucket of their own after every cell, so each cloud's valid points come first
+        code = tl.where(r < L, code, 1 << (3 * B))
+        tl.store(bkt_ptr + n.to(tl.int64) * P + r, code, mask=rm)
+        tl.atomic_add(cnt_ptr + seg.to(tl.int64) * ((1 << (3 * B)) + 1) + code, 1, mask=rm)
 
     @triton.jit
-    def _morton_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, part_ptr, key_ptr, P1, P2, NB1, NCH,
+    def _bucket_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, part_ptr, bkt_ptr, cnt_ptr, P1, P2, NB1, NCH,
                        B: tl.constexpr, D: tl.constexpr, DM: tl.constexpr, DP: tl.constexpr, NCHP: tl.constexpr,
                        ACC: tl.constexpr, BLOCK: tl.constexpr):
-        """Sort keys of both clouds in one launch: key (N*P1 + N*P2,) int32 = segment << 3B | Morton code, cloud 1's
-        cloud n in segment n at [n*P1, (n+1)*P1), cloud 2's in segment N + n at N*P1 + [n*P2, (n+1)*P2). The code
-        interleaves the first DM coordinates quantised to B bits over the joint box reduced from part
-        (N, NCH, 2, DP); one flat sort of the keys then orders every cloud at once."""
+        """Counting-sort pass 1 for both clouds in one launch: each point's cell on a Morton curve of 2^B cells per
+        axis over the joint box (reduced from part (N, NCH, 2, DP)) into bkt (N*P1 + N*P2,) int32, and integer
+        atomic counts into cnt (2N, 2^(3B) + 1): cloud 1's cloud n is segment n, cloud 2's is segment N + n, the
+        last bucket of a segment holds its padding points."""
         pid = tl.program_id(0)
         n = tl.program_id(1)
         N = tl.num_programs(1)
         if pid < NB1:
-            _morton_block(p1_ptr, len1_ptr, part_ptr, key_ptr, P1, NCH, n, pid, n,
+            _bucket_block(p1_ptr, len1_ptr, part_ptr, bkt_ptr, cnt_ptr, P1, NCH, n, pid, n,
                           B, D, DM, DP, NCHP, ACC, BLOCK)
         else:
-            _morton_block(p2_ptr, len2_ptr, part_ptr, key_ptr + N.to(tl.int64) * P1, P2, NCH, n, pid - NB1, N + n,
-                          B, D, DM, DP, NCHP, ACC, BLOCK)
+            _bucket_block(p2_ptr, len2_ptr, part_ptr, bkt_ptr + N.to(tl.int64) * P1, cnt_ptr, P2, NCH, n, pid - NB1,
+                          N + n, B, D, DM, DP, NCHP, ACC, BLOCK)
 
     @triton.jit
-    def _gather_tiles_kernel(src_ptr, perm_ptr, len_ptr, out_ptr, box_ptr, lperm_ptr, P, PS, T, OFF,
-                             D: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, TILE: tl.constexpr):
-        """One tile of sorted points: coordinate-major copy out (N, D, PS) (zeros past P), its box (N, T, 2, D) and
-        the original indices lperm (N, P) int32. perm (N*P,) int64 holds flat positions into the sort keys, cloud
-        n's at OFF + n*P + [0, P)."""
-        t = tl.program_id(0)
+    def _scatter_block(src_ptr, bkt_ptr, end_ptr, lperm_ptr, out_ptr, P, PS, n, blk, seg, seg_base,
+                       B: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        r = blk * BLOCK + tl.arange(0, BLOCK)
+        rm = r < P
+        dd = tl.arange(0, DP)
+        row0 = n.to(tl.int64) * P
+        code = tl.load(bkt_ptr + row0 + r, mask=rm, other=0)
+        # claim a slot at the end of the bucket's range (integer atomics: the order inside a bucket may differ
+        # between runs, the results never do: every comparison in the search is on (distance, original index))
+        pos = tl.atomic_add(end_ptr + seg.to(tl.int64) * ((1 << (3 * B)) + 1) + code, -1, mask=rm) - 1
+        lp = pos - seg_base
+        tl.store(lperm_ptr + row0 + lp, r, mask=rm)
+        x = tl.load(src_ptr + (row0 + r[:, None]) * D + dd[None, :], mask=rm[:, None] & (dd < D)[None, :],
+                    other=0.0).to(ACC)
+        tl.store(out_ptr + n.to(tl.int64) * D * PS + dd[None, :] * PS + lp[:, None], x,
+                 mask=rm[:, None] & (dd < D)[None, :])
+
+    @triton.jit
+    def _scatter_kernel(p1_ptr, p2_ptr, bkt_ptr, end_ptr, lperm_ptr, out1_ptr, out2_ptr, P1, P2, P1S, P2S, NB1,
+                        B: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        """Counting-sort pass 2 for both clouds: each point takes a slot of its bucket (end (2N*NB,) int32 holds
+        the inclusive prefix sums of the counts, decremented here) and is written to its sorted position: the
+        coordinate-major copies out1 (N, D, P1S) / out2 (N, D, P2S) in the compute dtype (entries past P left
+        unwritten) and lperm (N*P1 + N*P2,) int32, the original index at each sorted position."""
+        pid = tl.program_id(0)
         n = tl.program_id(1)
+        N = tl.num_programs(1)
+        if pid < NB1:
+            _scatter_block(p1_ptr, bkt_ptr, end_ptr, lperm_ptr, out1_ptr, P1, P1S, n, pid, n, n * P1,
+                           B, D, DP, ACC, BLOCK)
+        else:
+            off = N.to(tl.int64) * P1
+            _scatter_block(p2_ptr, bkt_ptr + off, end_ptr, lperm_ptr + off, out2_ptr, P2, P2S, n, pid - NB1, N + n,
+                           off + n * P2, B, D, DP, ACC, BLOCK)
+
+    @triton.jit
+    def _box_block(xs_ptr, len_ptr, box_ptr, P, PS, T, n, t,
+                   D: tl.constexpr, DP: tl.constexpr, TILE: tl.constexpr):
         c = t * TILE + tl.arange(0, TILE)
-        cm = c < P
         L = tl.minimum(tl.maximum(tl.load(len_ptr + n).to(tl.int32), 0), P)
         valid = c < L
         dd = tl.arange(0, DP)
         dmask = dd < D
-        row0 = n.to(tl.int64) * P
-        o = tl.load(perm_ptr + row0 + c, mask=cm, other=0) - (OFF + row0)
-        tl.store(lperm_ptr + row0 + c, o.to(tl.int32), mask=cm)
-        x = tl.load(src_ptr + (row0 + o[:, None]) * D + dd[None, :],
-                    mask=cm[:, None] & dmask[None, :], other=0.0).to(ACC)
-        tl.store(out_ptr + n.to(tl.int64) * D * PS + dd[None, :] * PS + c[:, None], x, mask=dmask[None, :])
+        x = tl.load(xs_ptr + n.to(tl.int64) * D * PS + dd[None, :] * PS + c[:, None],
+                    mask=valid[:, None] & dmask[None, :], other=0.0)
         lo = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
         hi = tl.max(tl.where(valid[:, None], x, -float("inf")), 0)
         bptr = box_ptr + (n.to(tl.int64) * T + t) * (2 * D)
         tl.store(bptr + dd, lo, mask=dmask)
         tl.store(bptr + D + dd, hi, mask=dmask)
+
+    @triton.jit
+    def _tile_box_kernel(xs1_ptr, xs2_ptr, len1_ptr, len2_ptr, box1_ptr, box2_ptr, P1, P2, P1S, P2S, T1, T2,
+                         D: tl.constexpr, DP: tl.constexpr, TILE1: tl.constexpr, TILE2: tl.constexpr):
+        """Bounding box (lo, hi) of the valid points of every sorted tile of both clouds, in one launch:
+        box1 (N, T1, 2, D) from xs1 (N, D, P1S), box2 (N, T2, 2, D) from xs2; an empty tile gets (+inf, -inf)."""
+        pid = tl.program_id(0)
+        n = tl.program_id(1)
+        if pid < T1:
+            _box_block(xs1_ptr, len1_ptr, box1_ptr, P1, P1S, T1, n, pid, D, DP, TILE1)
+        else:
+            _box_block(xs2_ptr, len2_ptr, box2_ptr, P2, P2S, T2, n, pid - T1, D, DP, TILE2)
 
     @triton.jit
     def _tile_lb_kernel(qbox_ptr, cbox_ptr, lbs_ptr, T1, T2,
@@ -696,11 +735,12 @@ def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
 
 
 def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
-    """Morton-sorted copies and the tables the SORTED kernel reads, in 6 launches plus one flat sort, no host sync.
+    """Spatially sorted copies and the tables the SORTED kernel reads: 5 Triton launches, a zeroing and a cumsum,
+    no host sync (a torch.sort here cost ~14 launches, and launches are what small and mid-size calls pay for).
 
-    Returns p1s (N, D, T1*bq), p2s (N, D, T2*bc) coordinate-major in the compute dtype (valid points first, along
-    a Morton curve of the first min(D, 3) coordinates over both clouds' joint box), perm1 (N, P1) / perm2 (N, P2)
-    int32 original indices, box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) candidate tiles of
+    Returns p1s (N, D, T1*bq), p2s (N, D, T2*bc) coordinate-major in the compute dtype (valid points first, in the
+    order of the cells of a Morton curve of the first min(D, 3) coordinates over both clouds' joint box; points of
+    one cell in any order; entries past P unwritten), perm1 (N, P1) / perm2 (N, P2) int32 original indices, box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) candidate tiles of
     each query tile by ascending box-to-box lower bound (int32; int64 beyond _MAX_SORT_TILES tiles), lbs (N, T1, T2)
     those bounds (+inf for empty tiles).
     Memory O(N (P1 + P2) D + N T1 T2): T1 T2 = P1 P2 / (bq bc), a thousand times less than a distance matrix.
@@ -716,27 +756,30 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     part = torch.empty((N, nch, 2, dp), dtype=acc_t, device=dev)
     _bbox_kernel[(nch, N)](a, b, l1, l2, part, P1, P2, triton.cdiv(P1, nch), triton.cdiv(P2, nch),
                            D=D, DM=dm, DP=dp, ACC=acc, BLOCK=256)
-    # one flat int32 sort for every cloud of both sides: segment (2N values) above a B-bit-per-axis Morton code
-    segbits = max(1, (2 * N - 1).bit_length())
-    bits = min(10, (31 - segbits) // 3)
-    if bits < 2:
-        raise ValueError(f"p1: batch size N={N} too large for the spatial sort's 31-bit keys; pass spatial_sort=False")
-    keys = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
+    # counting sort of every cloud of both sides at once: 2N segments of 2^(3B) Morton cells (+1 for padding);
+    # cells much smaller than a tile on typical clouds, a few hundred thousand counters at most
+    bits = 5 if max(P1, P2) > 4096 else 4
+    while bits > 2 and 2 * N * ((1 << (3 * bits)) + 1) > (1 << 24):
+        bits -= 1
+    nbk = (1 << (3 * bits)) + 1
+    cnt = torch.zeros(2 * N * nbk, dtype=torch.int32, device=dev)
+    bkt = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
     nb1, nb2 = triton.cdiv(P1, 1024), triton.cdiv(P2, 1024)
-    _morton_kernel[(nb1 + nb2, N)](a, b, l1, l2, part, keys, P1, P2, nb1, nch, B=bits, D=D, DM=dm, DP=dp,
+    _bucket_kernel[(nb1 + nb2, N)](a, b, l1, l2, part, bkt, cnt, P1, P2, nb1, nch, B=bits, D=D, DM=dm, DP=dp,
                                    NCHP=_next_pow2(nch), ACC=acc, BLOCK=1024)
-    # stable: the same permutation every run (results never depend on it; ties compare original indices)
-    perm = torch.sort(keys, stable=True)[1]
+    ends = torch.cumsum(cnt, 0, dtype=torch.int32)
     T1, T2 = triton.cdiv(P1, bq), triton.cdiv(P2, bc)
-    outs = []
-    for x, lx, pv, off, tile, T in ((a, l1, perm[:N * P1], 0, bq, T1), (b, l2, perm[N * P1:], N * P1, bc, T2)):
-        xs = torch.empty((N, D, T * tile), dtype=acc_t, device=dev)
-        box = torch.empty((N, T, 2, D), dtype=acc_t, device=dev)
-        lperm = torch.empty((N, x.shape[1]), dtype=torch.int32, device=dev)
-        _gather_tiles_kernel[(T, N)](x, pv, lx, xs, box, lperm, x.shape[1], T * tile, T, off, D=D, DP=dp, ACC=acc,
-                                     TILE=tile)
-        outs.append((xs, box, lperm))
-    (p1s, qbox, perm1), (p2s, box, perm2) = outs
+    p1s = torch.empty((N, D, T1 * bq), dtype=acc_t, device=dev)
+    p2s = torch.empty((N, D, T2 * bc), dtype=acc_t, device=dev)
+    lperm = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
+    nb1, nb2 = triton.cdiv(P1, 256), triton.cdiv(P2, 256)
+    _scatter_kernel[(nb1 + nb2, N)](a, b, bkt, ends, lperm, p1s, p2s, P1, P2, T1 * bq, T2 * bc, nb1,
+                                    B=bits, D=D, DP=dp, ACC=acc, BLOCK=256)
+    qbox = torch.empty((N, T1, 2, D), dtype=acc_t, device=dev)
+    box = torch.empty((N, T2, 2, D), dtype=acc_t, device=dev)
+    _tile_box_kernel[(T1 + T2, N)](p1s, p2s, l1, l2, qbox, box, P1, P2, T1 * bq, T2 * bc, T1, T2, D=D, DP=dp,
+                                   TILE1=bq, TILE2=bc)
+    perm1, perm2 = lperm[:N * P1].view(N, P1), lperm[N * P1:].view(N, P2)
     lbs = torch.empty((N, T1, T2), dtype=acc_t, device=dev)
     t2p = _next_pow2(T2)
     if t2p <= _MAX_SORT_TILES:

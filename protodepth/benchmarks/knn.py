@@ -3,8 +3,9 @@
 Times `knn_points_triton` and the blocked PyTorch fallback (`knn._knn_points_torch`) in the same run, forward and
 forward+backward (gradients of dists.sum() w.r.t. both clouds), as the median of `triton.testing.do_bench` repeats
 (CUDA events, L2 flushed between repeats), on random normal clouds; also the kernel's forward+backward captured in
-a CUDA graph and replayed (what the trainer's captured step pays: no launch or Python cost). Prints a markdown table beside PyTorch3D's
-anchors (`knn_points`, float32, one H100, from the original system's measurements) and, with --out, writes JSON.
+a CUDA graph and replayed (what the trainer's captured step pays: no launch or Python cost). Prints a markdown
+table beside PyTorch3D's anchors (`knn_points`, float32, one H100, from the original system's measurements) and,
+with --out, writes JSON. `--profile`: device work items per call and per-kernel times; `--host`: cProfile.
 """
 from __future__ import annotations
 
@@ -293,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         s2 = "-" if r["pytorch3d_fwd"] is None else f"{r['pytorch3d_fwd_bwd'] / r['triton_fwd_bwd']:.1f}x"
         agree = "-" if r["idx_agree"] is None else f"{100 * r['idx_agree']:.4f}%"
         print(f"| {r['shape'].split('-')[0]} | {r['K']} | {r['dtype']} | {f(r['triton_fwd'])} | "
-              f"{f(r['triton_fwd_bwd'])} | {f(r['triton_graph_fwd_bwd'])} | {f(r['torch_fwd'])} | {f(r['torch_fwd_bwd'])} | {p3} | {s1} | {s2} | {agree} |")
+              f"{f(r['triton_fwd_bwd'])} | {f(r['triton_graph_fwd_bwd'])} | {f(r['torch_fwd'])} | "
+              f"{f(r['torch_fwd_bwd'])} | {p3} | {s1} | {s2} | {agree} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(gpu=gpu, torch=torch.__version__, rep_ms=args.rep_ms, rows=rows), fh, indent=1)

@@ -101,16 +101,16 @@ if triton is not None:
         p2 (N, D, P2S): coordinate-major copy padded to whole tiles (P2S a multiple of BLOCK_C; the padding may hold
         anything). lengths (N,) integer, clamped here to [0, P1] / [0, P2].
         Output (S, N, P1, K) with S = grid dim 2. FINAL (a single split): write PyTorch3D padding (0, 0) directly.
-        Otherwise write +inf / -1 for empty slots and padded queries; the host merges the splits and pads.
+        Otherwise write +inf / -1 for empty slots and padded queries; _knn_merge_kernel merges the splits and pads.
 
         SORTED: p1 and p2 are sorted by Morton cell (valid points first), perm1/perm2 (N, P1)/(N, P2) int32
         map sorted positions to original indices, box (N, T2, 2, D) holds each candidate tile's bounding box,
         order (N, T1, T2) int32 (int64 from torch.sort for very long rows) lists the candidate tiles of each query
-        tile by ascending box-to-box lower bound and lbs (N, T1, T2) holds those bounds. The program walks its list and stops at the first tile whose bound
-        exceeds every query's current K-th best; inside, a tile is also skipped when no single query's distance to
-        its box can reach that query's K-th best. Bounds are shrunk by 2^-20 relative before comparing, which
-        covers the rounding differences between bound and distance (fused multiply-adds), so skipping is exact.
-        Ties compare original indices.
+        tile by ascending box-to-box lower bound and lbs (N, T1, T2) holds those bounds. The program walks its list
+        and stops at the first tile whose bound exceeds every query's current K-th best; inside, a tile is also
+        skipped when no single query's distance to its box can reach that query's K-th best. Bounds are shrunk
+        by 2^-20 relative before comparing, which covers the rounding differences between bound and distance
+        (fused multiply-adds), so skipping is exact. Ties compare original indices.
         """
         pid_q = tl.program_id(0)
         n = tl.program_id(1)
@@ -740,9 +740,10 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
 
     Returns p1s (N, D, T1*bq), p2s (N, D, T2*bc) coordinate-major in the compute dtype (valid points first, in the
     order of the cells of a Morton curve of the first min(D, 3) coordinates over both clouds' joint box; points of
-    one cell in any order; entries past P unwritten), perm1 (N, P1) / perm2 (N, P2) int32 original indices, box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) candidate tiles of
-    each query tile by ascending box-to-box lower bound (int32; int64 beyond _MAX_SORT_TILES tiles), lbs (N, T1, T2)
-    those bounds (+inf for empty tiles).
+    one cell in any order; entries past P unwritten), perm1 (N, P1) / perm2 (N, P2) int32 original indices,
+    box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) candidate tiles of each query tile by ascending
+    box-to-box lower bound (int32; int64 beyond _MAX_SORT_TILES tiles), lbs (N, T1, T2) those bounds (+inf for
+    empty tiles).
     Memory O(N (P1 + P2) D + N T1 T2): T1 T2 = P1 P2 / (bq bc), a thousand times less than a distance matrix.
     """
     N, P1, D = p1.shape
@@ -814,7 +815,7 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
     for name, lengths in (("lengths1", lengths1), ("lengths2", lengths2)):
         if lengths.shape != (p1.shape[0],):
             raise ValueError(f"{name} must have shape ({p1.shape[0]},), got {tuple(lengths.shape)}")
-        if lengths.numel() and (lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got {lengths.dtype}")
     if p1.device.type != "cuda" and not _interpreting():
         raise ValueError(f"p1 must be a CUDA tensor (or set TRITON_INTERPRET=1 for CPU), got {p1.device}")
@@ -990,4 +991,5 @@ def knn_points_triton(
         lengths1 = lengths1.to(device=p1.device, dtype=torch.int64)
     if lengths2.device != p1.device or lengths2.dtype not in (torch.int32, torch.int64):
         lengths2 = lengths2.to(device=p1.device, dtype=torch.int64)
-    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, (block_q, block_c, splits, num_warps, spatial_sort))
+    tiling = (block_q, block_c, splits, num_warps, spatial_sort)
+    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, tiling)

@@ -685,7 +685,7 @@ def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.devi
         # Pruning needs enough work to amortise its ~10 extra launches and enough query tiles to hide the latency
         # of its walk: measured on an H100, brute force took 4.8 ms per 1e10 pairs, so below ~2.7e8 pairs (~0.13 ms)
         # it wins; the tile-pair table must also stay small.
-        spatial_sort = (N * P1 * P2 >= (1 << 28) and P2 >= 8 * (block_c or 32)
+        spatial_sort = (N * P1 * P2 >= (1 << 28) and P2 >= 8 * (block_c or 32) and N * (P1 + P2) < (1 << 31)
                         and N * triton.cdiv(P1, block_q or 32) * triton.cdiv(P2, block_c or 32) <= (1 << 25))
     if interp:
         bc = block_c or 16
@@ -757,6 +757,8 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     part = torch.empty((N, nch, 2, dp), dtype=acc_t, device=dev)
     _bbox_kernel[(nch, N)](a, b, l1, l2, part, P1, P2, triton.cdiv(P1, nch), triton.cdiv(P2, nch),
                            D=D, DM=dm, DP=dp, ACC=acc, BLOCK=256)
+    if N * (P1 + P2) >= (1 << 31):  # sorted positions are int32
+        raise ValueError(f"p1, p2: N * (P1 + P2) = {N * (P1 + P2)} too large for spatial_sort=True; use False")
     # counting sort of every cloud of both sides at once: 2N segments of 2^(3B) Morton cells (+1 for padding);
     # cells much smaller than a tile on typical clouds, a few hundred thousand counters at most
     bits = 5 if max(P1, P2) > 4096 else 4

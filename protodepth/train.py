@@ -178,10 +178,12 @@ def train(cfg: Config) -> dict:
         collate_fn=collate_depth,
         num_workers=cfg.data.num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # workers must see the dataset's new epoch (set_epoch) every epoch
     )
     train_sampler = EpochShuffleSampler(len(train_ds), t.seed)
-    train_dl = DataLoader(train_ds, sampler=train_sampler, drop_last=True, **loader_kwargs)
+    # Persistent training workers: restarting 12 of them every epoch cost ~0.5 s each time (a third of an H100
+    # run with 14-step epochs). They see set_epoch through the dataset's shared-memory epoch.
+    train_dl = DataLoader(train_ds, sampler=train_sampler, drop_last=True,
+                          persistent_workers=cfg.data.num_workers > 0, **loader_kwargs)
     val_dl = DataLoader(val_ds, sampler=EpochShuffleSampler(len(val_ds), t.seed, shuffle=False), **loader_kwargs) \
         if len(val_ds) and t.val_every else None
 

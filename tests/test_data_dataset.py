@@ -204,3 +204,20 @@ def test_cache_build_skips_or_names_bad_frames(tmp_path):
     with pytest.warns(RuntimeWarning, match="left 1 of 8"):
         m = build_cache(cfg, root, str(tmp_path / "c2"), progress=False)
     assert m["skipped"] == ["SEQ2/DepthLeft/000001.png"] and len(m["frames"]) == 7
+
+
+def test_persistent_workers_follow_set_epoch(tmp_path):
+    """The trainer keeps its workers across epochs; set_epoch between epochs must still reach them."""
+    cfg = small_cfg(tmp_path / "syn", val_fraction=0.25)
+    train, _ = build_datasets(cfg, seed=7, progress=False)
+    dl = DataLoader(train, batch_size=3, shuffle=False, num_workers=2, collate_fn=collate_depth,
+                    persistent_workers=True)
+    seen = []
+    for epoch in (0, 1, 0):
+        train.set_epoch(epoch)
+        seen.append(list(dl))
+    ref = [_batches(train, 0, epoch=e) for e in (0, 1)]
+    for got, want in zip(seen, [ref[0], ref[1], ref[0]]):
+        for x, y in zip(got, want):
+            assert torch.equal(x["cloud"], y["cloud"])
+    assert not torch.equal(seen[0][0]["cloud"], seen[1][0]["cloud"])  # the draw did change with the epoch

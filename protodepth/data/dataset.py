@@ -74,16 +74,25 @@ class DepthDataset(Dataset, abc.ABC):
     def __init__(self, cfg: DataConfig, seed: int, vary_per_epoch: bool = True, skip_bad: bool = False):
         self.cfg = cfg
         self.seed = int(seed)
-        self.epoch = 0
+        # In shared memory: DataLoader workers that persist across epochs (started once, not every epoch)
+        # see the trainer's set_epoch through it.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.vary_per_epoch = vary_per_epoch
         self.skip_bad = skip_bad
         self.num_skipped = 0
         self._bad: set[int] = set()
         self._warned = False
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose point draw `__getitem__` returns (ignored when vary_per_epoch is False)."""
-        self.epoch = int(epoch)
+        """Select the epoch whose point draw `__getitem__` returns (ignored when vary_per_epoch is False).
+
+        Takes effect in running DataLoader workers too (shared memory); call it between epochs, before the
+        loader's next iterator is made, as a sampler's set_epoch."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return self._frame_count()

@@ -35,6 +35,37 @@ class _NonFiniteOutput(Exception):
     """The model's slot vertices are not finite (raised inside the step, reported with batch files outside)."""
 
 
+class DeferredCheck:
+    """The finite check of the latest optimizer step, read by the host one step late.
+
+    push() starts copying the step's (loss, grad-norm) flags to pinned host memory and records an event;
+    resolve() waits for that event only, not for the GPU work queued since, and hands the flags to `check`.
+    """
+
+    def __init__(self, check):
+        self.check = check
+        self.host = [torch.zeros(2, pin_memory=True) for _ in range(2)]  # alternate: one may still be copying
+        self.turn = 0
+        self.pending = None
+
+    def push(self, flags: torch.Tensor, step: int, epoch: int, paths: list[str]) -> None:
+        self.resolve()
+        buf = self.host[self.turn]
+        self.turn ^= 1
+        buf.copy_(flags.float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (buf, event, step, epoch, list(paths))
+
+    def resolve(self) -> None:
+        if self.pending is None:
+            return
+        buf, event, step, epoch, paths = self.pending
+        self.pending = None
+        event.synchronize()
+        self.check(buf.tolist(), step, epoch, paths)
+
+
 class DataSetupError(ValueError):
     """The data named by the config can't be opened (missing folder, no frames, bad cache...)."""
 
@@ -117,7 +148,7 @@ def _model_bytes(model: torch.nn.Module) -> int:
 
 def build_accelerator(cfg: Config, wandb_mode: str):
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     t = cfg.train
     kwargs = [
@@ -135,6 +166,9 @@ def build_accelerator(cfg: Config, wandb_mode: str):
         project_config=ProjectConfiguration(project_dir=t.output_dir, automatic_checkpoint_naming=False),
         kwargs_handlers=kwargs,
         step_scheduler_with_optimizer=False,
+        # batches come from pinned memory: an asynchronous copy lets the host queue the next step while the GPU
+        # still runs this one (a blocking copy waits for the GPU to go idle first)
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
 
 
@@ -354,6 +388,26 @@ def train(cfg: Config) -> dict:
             "train.cuda_graphs=false turns them off)")
     elif t.cuda_graphs == "auto" and accelerator.device.type == "cuda":
         log(f"CUDA graphs: off ({why_not})")
+    def check_flags(flags: list[float], step: int, epoch: int, paths: list[str]) -> bool:
+        """Raise (on_nonfinite=error) or count a skipped step (skip) for bad (loss, grad-norm) flags; True if bad."""
+        # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale)
+        if not (flags[0] > 0 or (flags[1] > 0 and t.mixed_precision != "fp16")):
+            return False
+        what = "loss" if flags[0] > 0 else "gradient norm"
+        if t.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"non-finite {what} at step {step} (epoch {epoch}); batch files on rank {accelerator.process_index}: "
+                f"{', '.join(paths[:8])}{' ...' if len(paths) > 8 else ''}. No checkpoint was written for this "
+                "step; set train.on_nonfinite=skip to drop such steps instead")
+        state.skipped_steps += 1  # no optimizer step; its gradients are dropped
+        return True
+
+    # The deferred check needs an optimizer that can skip a step on the device: fused Adam (CUDA) reads
+    # `found_inf` as it does under a grad scaler. fp16 has the scaler itself; DeepSpeed steps its own optimizer.
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+    deferred = DeferredCheck(check_flags) if (accelerator.device.type == "cuda" and not is_deepspeed
+                                              and t.mixed_precision != "fp16"
+                                              and inner_optimizer.defaults.get("fused")) else None
     micro = 0
     viz_done, last_batch = -1, None
     done = state.step >= t.max_steps
@@ -389,25 +443,23 @@ def train(cfg: Config) -> dict:
                 if accelerator.sync_gradients and not is_deepspeed:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
                 if accelerator.sync_gradients:
-                    # one host sync per optimizer step: agree across ranks whether this step is finite
+                    # agree across ranks whether this step is finite: (loss, gradient norm) flags, summed
                     grad_bad = torch.zeros_like(nonfinite_local) if grad_norm is None else \
                         (~torch.isfinite(grad_norm)).float().to(nonfinite_local.device)
-                    flags = torch.stack([nonfinite_local, grad_bad])
-                    flags = accelerator.reduce(flags, reduction="sum").tolist()
+                    flags = accelerator.reduce(torch.stack([nonfinite_local, grad_bad]), reduction="sum")
                     nonfinite_local.zero_()
-                    # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale)
-                    bad = flags[0] > 0 or (flags[1] > 0 and t.mixed_precision != "fp16")
-                    if bad:
-                        what = "loss" if flags[0] > 0 else "gradient norm"
-                        if t.on_nonfinite == "error":
-                            raise NonFiniteError(
-                                f"non-finite {what} at step {state.step + 1} (epoch {state.epoch}); batch files on "
-                                f"rank {accelerator.process_index}: {', '.join(batch_paths[:8])}"
-                                f"{' ...' if len(batch_paths) > 8 else ''}. No checkpoint was written for this step;"
-                                f" set train.on_nonfinite=skip to drop such steps instead")
-                        state.skipped_steps += 1  # no optimizer step; the gradients are dropped just below
-                    else:
+                    if deferred is not None:
+                        # the previous step's flags: it finished while this step's work was being queued
+                        deferred.resolve()
+                        # Adam skips a non-finite step on the GPU (as under a grad scaler); the host reads
+                        # the flags one step later instead of waiting for this step to finish
+                        inner_optimizer.found_inf = (flags.sum() > 0).float()
                         optimizer.step()
+                        deferred.push(flags, state.step + 1, state.epoch, batch_paths)
+                    else:
+                        # one host sync per optimizer step
+                        if not check_flags(flags.tolist(), state.step + 1, state.epoch, batch_paths):
+                            optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -419,6 +471,12 @@ def train(cfg: Config) -> dict:
             state.samples += global_batch
             bar.update(1)
             lr = set_lr(state.step)
+            if deferred is not None and (
+                    state.step % t.log_every == 0 or state.step >= t.max_steps
+                    or (t.viz_every and state.step % t.viz_every == 0)
+                    or (val_dl is not None and state.step % t.val_every == 0)
+                    or (t.ckpt_every and state.step % t.ckpt_every == 0)):
+                deferred.resolve()  # nothing is logged, drawn or saved from a step not known to be finite
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 terms = accelerator.reduce(torch.stack([res.total.detach()] + list(res.terms.values())), "mean")
                 last_terms = dict(zip(["loss"] + [f"loss/{k}" for k in res.terms], terms.tolist()))

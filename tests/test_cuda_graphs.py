@@ -1,5 +1,6 @@
 """train.cuda_graphs: the captured step computes what the eager step computes, and bad setups are refused clearly."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_cuda_graphs_on_a_cpu_machine_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks auto on a machine without a GPU")
 def test_cuda_graphs_auto_stays_off_without_a_gpu(tmp_path):
-    s = train(tiny_config(tmp_path, **{"train.max_steps": 1}))
+    s = train(tiny_config(tmp_path, **{"train.max_steps": 1, "train.cuda_graphs": "auto"}))
     assert s["cuda_graphs"] is False
 
 
@@ -189,3 +190,31 @@ def test_trainer_with_cuda_graphs_tracks_the_eager_trainer(tmp_path, precision):
     (_, e1), (_, g1) = eager["history"][-1], graphed["history"][-1]
     assert abs(e0 - g0) <= 0.06 * abs(e0), (eager["history"], graphed["history"])
     assert abs(e1 - g1) <= 0.15 * abs(e1), (eager["history"], graphed["history"])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("mode", ["skip", "error"])
+def test_deferred_finite_check_on_the_gpu_skips_or_stops_at_the_right_step(tmp_path, monkeypatch, graphs, mode):
+    """On CUDA the host reads a step's finite flags one step late and fused Adam skips the bad step on the
+    device; the outcome must be what the synchronous CPU path gives (tests/test_reliability.py)."""
+    from safetensors.torch import load_file
+
+    from protodepth import checkpoint as ckpt
+    from protodepth.train import NonFiniteError
+    from test_reliability import _nan_at
+
+    _nan_at(monkeypatch, {2}, "loss")  # call 2: an eager step in both modes (graphs capture at call 3)
+    # log and checkpoint rarely, so step 2's flags are read late: in step 3's optimizer step
+    common = {"train.max_steps": 5, "train.log_every": 5, "train.on_nonfinite": mode, "train.cuda_graphs": graphs}
+    if mode == "error":
+        with pytest.raises(NonFiniteError, match="non-finite loss at step 2"):
+            train(tiny_config(tmp_path, **common, **{"train.ckpt_every": 3}))
+        assert ckpt.checkpoint_dirs(tmp_path / "run" / "checkpoints") == []
+        return
+    s = train(tiny_config(tmp_path, **common, **{"train.ckpt_every": 0}))
+    assert s["steps"] == 5 and s["skipped_steps"] == 1 and s["cuda_graphs"] is graphs
+    assert all(math.isfinite(loss) for _, loss in s["history"])
+    params = load_file(str(Path(s["checkpoint"]) / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in params.values())  # the NaN step never reached the weights

@@ -40,6 +40,9 @@ def tiny_overrides(tmp_path: Path, **extra) -> dict:
         "train.val_every": 0,
         "train.ckpt_every": 0,
         "train.wandb": "disabled",
+        # Eager steps, so tests that patch the loss per call mean the same thing on a GPU machine; the
+        # CUDA-graph path has its own tests (test_cuda_graphs.py) that turn it on.
+        "train.cuda_graphs": False,
     }
     o.update(extra)
     return o

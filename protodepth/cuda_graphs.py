@@ -121,8 +121,13 @@ class GraphedStep:
         graph.register_generator_state(self.gen)
         self.gen.manual_seed(seed)
         # thread_local: the DataLoader's pin-memory thread may allocate pinned memory while we capture
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = self._run(key)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = self._run(key)
+        except RuntimeError as e:
+            # e.g. an op that reads a device value on the host; say how to keep training meanwhile
+            raise RuntimeError(f"CUDA graph capture of the training step failed: {e}\n"
+                               "train.cuda_graphs=false trains without graphs") from e
         # Later graphs may reuse this graph's freed temporaries, so replaying one graph can overwrite another's
         # outputs: only the outputs of the latest replay are valid, which is all a training step reads.
         self.pool = graph.pool()

@@ -218,3 +218,24 @@ def test_deferred_finite_check_on_the_gpu_skips_or_stops_at_the_right_step(tmp_p
     assert all(math.isfinite(loss) for _, loss in s["history"])
     params = load_file(str(Path(s["checkpoint"]) / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in params.values())  # the NaN step never reached the weights
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_step_that_cannot_be_captured_fails_naming_the_way_out():
+    from protodepth.cuda_graphs import GraphedStep
+
+    w = torch.nn.Parameter(torch.ones(3, device="cuda"))
+
+    def fn(image, cloud, lengths, key, gen):
+        loss = (w * image.mean()).sum()
+        if loss.item() > 1e9:  # a host read: fine eagerly, illegal while capturing
+            raise AssertionError
+        return loss.detach(), loss
+
+    graphed = GraphedStep(fn, [w], torch.Generator(device="cuda"), max_points=4, warmup=1)
+    image, cloud = torch.ones(1, 1, 2, 2, device="cuda"), torch.zeros(1, 4, 3, device="cuda")
+    lengths = torch.tensor([4], device="cuda")
+    graphed(image, cloud, lengths, (), 0)  # the eager warm-up step works
+    with pytest.raises(RuntimeError, match="train.cuda_graphs=false"):
+        graphed(image, cloud, lengths, (), 1)

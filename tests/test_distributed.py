@@ -10,6 +10,11 @@ from trainer_utils import accelerate_bin, override_args, run_script, tiny_overri
 pytestmark = pytest.mark.slow
 
 
+# CPU processes even on a GPU machine: with CUDA visible, Accelerate's barrier asks for one GPU per rank
+# ("invalid device ordinal" on a 1-GPU host)
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,7 +30,7 @@ def launch(config: str, overrides: dict, env: dict, nproc: int = 2):
 
 
 def test_two_process_ddp_on_cpu_trains_in_step_and_resumes(tmp_path):
-    env = {"ACCELERATE_USE_CPU": "1"}
+    env = CPU_ENV
     o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 2})
     s = launch("accelerate_configs/cpu_2proc.yaml", o, env)
     assert s["processes"] == 2 and "MULTI_CPU" in s["distributed_type"]
@@ -40,8 +45,8 @@ def test_two_process_deepspeed_zero2_on_cpu(tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
     o = tiny_overrides(tmp_path, **{"train.max_steps": 2})
-    s = launch("accelerate_configs/deepspeed_zero2.yaml", o, {"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" /
-                                                                                          "torch_extensions")})
+    s = launch("accelerate_configs/deepspeed_zero2.yaml", o, {"CUDA_VISIBLE_DEVICES": "",
+                                                                     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")})
     assert s["processes"] == 2 and "DEEPSPEED" in s["distributed_type"]
     assert s["rank_checksums"][0] == s["rank_checksums"][1]
     ckpt = Path(s["checkpoint"])
@@ -56,7 +61,7 @@ def test_scaling_benchmark_runs_under_two_cpu_processes(tmp_path):
     cmd = [accelerate_bin(), "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "--num_processes", "2",
            "--main_process_port", str(free_port()), "scripts/benchmark.py", "scaling", "--cpu-smoke",
            "--results", str(results)]
-    r = run_script(cmd, env_extra={"ACCELERATE_USE_CPU": "1"}, timeout=300)
+    r = run_script(cmd, env_extra=CPU_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = json.loads(results.read_text())
     assert [row["processes"] for row in rows] == [2] and rows[0]["samples_per_s"] > 0

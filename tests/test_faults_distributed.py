@@ -31,7 +31,7 @@ def launch(overrides: dict, tag: str, log: Path) -> subprocess.Popen:
     cmd = [accelerate_bin(), "launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "--num_processes", "2",
            "--main_process_port", str(free_port()), "scripts/train.py", *override_args(overrides)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true", ACCELERATE_USE_CPU="1",
-               PROTODEPTH_TEST_TAG=tag)
+               CUDA_VISIBLE_DEVICES="", PROTODEPTH_TEST_TAG=tag)  # CPU ranks, even on a GPU machine
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 

@@ -90,7 +90,7 @@ def test_infer_writes_meshes_pictures_and_metrics(trained, tmp_path):
     # one image alone gives the same scene as inside a batch (eval-mode model), and the same target draw
     out1 = tmp_path / "single"
     assert infer.main(["--checkpoint", str(trained["run"]), "--input", str(frames[3]), "--output", str(out1),
-                       "--no-pictures"]) == 0  # a run folder resolves to its newest checkpoint
+                       "--no-pictures", "--device", "cpu"]) == 0  # a run folder resolves to its newest checkpoint
     one = json.loads((out1 / "metrics.json").read_text())["images"][0]
     assert one["name"] == frames[3].stem and one["target_points"] == metrics["images"][3]["target_points"]
     np.testing.assert_allclose(viz.read_ply(out1 / "scenes" / f"{frames[3].stem}.ply")["verts"], mesh["verts"],

@@ -251,9 +251,8 @@ def _profile_steps(step_fn, steps: int):
     return prof
 
 
-def kernel_times(step_fn, steps: int = 3) -> dict[str, float]:
-    """GPU kernel name -> ms per step (self CUDA time, device-side events only), over `steps` profiled steps."""
-    prof = _profile_steps(step_fn, steps)
+def _kernel_ms(prof, steps: int) -> dict[str, float]:
+    """GPU kernel name -> ms per step (self CUDA time of device-side events only: no double count via CPU ops)."""
     out: dict[str, float] = {}
     for e in prof.key_averages():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
@@ -261,16 +260,17 @@ def kernel_times(step_fn, steps: int = 3) -> dict[str, float]:
     return out
 
 
+def kernel_times(step_fn, steps: int = 3) -> dict[str, float]:
+    """GPU kernel name -> ms per step over `steps` profiled steps."""
+    return _kernel_ms(_profile_steps(step_fn, steps), steps)
+
+
 def profile(step_fn, label: str, top: int = 15) -> dict[str, float]:
     """Print the top CUDA kernels of 3 steps; return kernel_times of the same profile."""
     prof = _profile_steps(step_fn, 3)
     print(f"\n### profile {label}: top {top} CUDA kernels over 3 steps\n")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
-    out: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
-            out[e.key] = out.get(e.key, 0.0) + e.self_device_time_total / 1000 / 3
-    return out
+    return _kernel_ms(prof, 3)
 
 
 def main(argv: list[str]) -> int:

@@ -388,6 +388,7 @@ def train(cfg: Config) -> dict:
             "train.cuda_graphs=false turns them off)")
     elif t.cuda_graphs == "auto" and accelerator.device.type == "cuda":
         log(f"CUDA graphs: off ({why_not})")
+
     def check_flags(flags: list[float], step: int, epoch: int, paths: list[str]) -> bool:
         """Raise (on_nonfinite=error) or count a skipped step (skip) for bad (loss, grad-norm) flags; True if bad."""
         # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale)

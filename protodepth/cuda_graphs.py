@@ -5,7 +5,9 @@ more than half of each step (BENCHMARKS.md). A replay launches the whole capture
 
 What a graph needs, and how this module provides it:
 - Static shapes. Every input is copied into a fixed buffer. Target clouds are zero-padded to the largest cloud the
-  data can give (`max_points`), and `lengths` says which points are real, so the padding changes no result.
+  data can give (`max_points`), and `lengths` says which points are real. The padding changes no result except
+  one: while progressive sampling caps the targets, the random subset drawn from a padded cloud differs from the
+  eager step's. Each mode is deterministic on its own.
 - No host reads during capture. The geometry's value checks skip themselves while a capture runs
   (`geometry._checks.capturing`). They run in the eager warm-up steps, and the trainer checks every step's loss and
   gradient norm for non-finite values after the replay.
@@ -14,8 +16,10 @@ What a graph needs, and how this module provides it:
 - Gradients. Each graph's backward writes its own static `.grad` tensors. After a replay they are put back on the
   parameters (a pointer assignment, no copy), and the optimizer step runs outside the graph, so the trainer can still
   skip a non-finite step, clip, and change the learning rate.
-- Progressive sampling. There is one graph per distinct (samples_per_slot, max_targets), and all of them share one
-  memory pool.
+- Progressive sampling. There is one graph per distinct (samples_per_slot, max_targets). The ramps only go up,
+  so capturing a new level drops the graphs of the others, and their memory returns to the shared pool.
+- Cached geometry. The captured mesh losses read the cached topology tensors by address; the object keeps
+  references to them, so that a cache eviction cannot free memory a replay still reads.
 
 Limits: one process (no DDP/DeepSpeed: their collectives would have to be captured too), no gradient accumulation
 (a captured backward assigns gradients instead of adding to them), and no fp16 grad scaler. `train.py` checks these
@@ -57,6 +61,7 @@ class GraphedStep:
         self.graphs: dict[tuple, _Captured] = {}
         self.eager_calls: dict[tuple, int] = {}
         self.pool = None
+        self.keep_alive: list = []  # tensors the graphs read by address but nothing else may still hold
         self.static: dict[str, torch.Tensor] = {}
         self.side = torch.cuda.Stream(device=generator.device)
 
@@ -115,6 +120,9 @@ class GraphedStep:
         return captured.outputs
 
     def _capture(self, key: tuple, seed: int) -> _Captured:
+        from protodepth.geometry.mesh_losses import cached_topologies
+
+        self.graphs.clear()  # a new level: the earlier ones are not replayed again (their memory goes to the pool)
         graph = torch.cuda.CUDAGraph()
         # a registered generator reads its seed and offset from device memory at every replay, so manual_seed
         # before replay() takes effect inside the graph
@@ -133,4 +141,5 @@ class GraphedStep:
         self.pool = graph.pool()
         captured = _Captured(graph, outputs, [p.grad for p in self.params])
         self.graphs[key] = captured
+        self.keep_alive = cached_topologies()
         return captured

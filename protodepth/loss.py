@@ -122,7 +122,8 @@ def proto_depth_loss(
     """
     if target.shape[0] != slot_verts.shape[0]:
         raise ValueError(f"target: batch {target.shape[0]} does not match slot_verts batch {slot_verts.shape[0]}")
-    # (a host read: skipped while a CUDA graph is captured; the graphed step checks lengths on the host first)
+    # (a host read: skipped while a CUDA graph is captured; the data layer never yields an empty cloud, it
+    # rejects frames without a valid depth pixel)
     if not capturing(lengths.device) and bool((lengths < 1).any()):
         raise ValueError("lengths: every target cloud needs at least one point (an empty cloud has no Chamfer)")
     with torch.autocast(device_type=slot_verts.device.type, enabled=False):

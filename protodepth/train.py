@@ -38,24 +38,21 @@ class _NonFiniteOutput(Exception):
 class DeferredCheck:
     """The finite check of the latest optimizer step, read by the host one step late.
 
-    push() starts copying the step's (loss, grad-norm) flags to pinned host memory and records an event;
-    resolve() waits for that event only, not for the GPU work queued since, and hands the flags to `check`.
+    push() starts copying the step's flags to pinned host memory and records an event; resolve() waits for
+    that event only, not for the GPU work queued since, and hands the flags to `check`.
     """
 
-    def __init__(self, check):
+    def __init__(self, check, n_flags: int):
         self.check = check
-        self.host = [torch.zeros(2, pin_memory=True) for _ in range(2)]  # alternate: one may still be copying
-        self.turn = 0
+        self.host = torch.zeros(n_flags, pin_memory=True)  # one buffer: push() resolves the previous step first
         self.pending = None
 
     def push(self, flags: torch.Tensor, step: int, epoch: int, paths: list[str]) -> None:
         self.resolve()
-        buf = self.host[self.turn]
-        self.turn ^= 1
-        buf.copy_(flags.float(), non_blocking=True)
+        self.host.copy_(flags.float(), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self.pending = (buf, event, step, epoch, list(paths))
+        self.pending = (self.host, event, step, epoch, list(paths))
 
     def resolve(self) -> None:
         if self.pending is None:
@@ -355,6 +352,7 @@ def train(cfg: Config) -> dict:
     rates: list[float] = []  # samples/s of every log interval of this process's run
     batch_paths: list[str] = []
     nonfinite_local = torch.zeros((), device=accelerator.device)
+    bad_output_local = torch.zeros((), device=accelerator.device)
     lr = set_lr(state.step)
     # Point sampling draws from a generator re-seeded from (seed, step, micro-batch, rank) every micro-batch, not
     # from the global RNG: a resumed run then samples exactly what an uninterrupted one did, whatever else
@@ -376,6 +374,13 @@ def train(cfg: Config) -> dict:
             raise _NonFiniteOutput() from None
         return (scene, res), res.total
 
+    def _nonfinite_output_error(step: int, epoch: int, paths: list[str]) -> NonFiniteError:
+        return NonFiniteError(
+            f"non-finite model output (slot vertices) at step {step} (epoch {epoch}): the weights overflowed at an "
+            f"earlier step; batch files on rank {accelerator.process_index}: {', '.join(paths[:8])}"
+            f"{' ...' if len(paths) > 8 else ''}. No checkpoint was written for this step; lower optim.lr or set "
+            "optim.grad_clip")
+
     graphed = None
     why_not = cuda_graphs_blocker(cfg, accelerator.device, world, is_deepspeed)
     if t.cuda_graphs is True and why_not:
@@ -390,7 +395,12 @@ def train(cfg: Config) -> dict:
         log(f"CUDA graphs: off ({why_not})")
 
     def check_flags(flags: list[float], step: int, epoch: int, paths: list[str]) -> bool:
-        """Raise (on_nonfinite=error) or count a skipped step (skip) for bad (loss, grad-norm) flags; True if bad."""
+        """Act on a step's (loss, grad-norm, model-output) non-finite flags; True if the step is dropped.
+
+        Non-finite model output stops the run in both modes: the weights have overflowed, and skipping steps
+        would skip every step from here on. Otherwise raise (on_nonfinite=error) or count a skipped step."""
+        if flags[2] > 0:
+            raise _nonfinite_output_error(step, epoch, paths)
         # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale)
         if not (flags[0] > 0 or (flags[1] > 0 and t.mixed_precision != "fp16")):
             return False
@@ -406,7 +416,7 @@ def train(cfg: Config) -> dict:
     # The deferred check needs an optimizer that can skip a step on the device: fused Adam (CUDA) reads
     # `found_inf` as it does under a grad scaler. fp16 has the scaler itself; DeepSpeed steps its own optimizer.
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)
-    deferred = DeferredCheck(check_flags) if (accelerator.device.type == "cuda" and not is_deepspeed
+    deferred = DeferredCheck(check_flags, n_flags=3) if (accelerator.device.type == "cuda" and not is_deepspeed
                                               and t.mixed_precision != "fp16"
                                               and inner_optimizer.defaults.get("fused")) else None
     micro = 0
@@ -432,12 +442,11 @@ def train(cfg: Config) -> dict:
                         (scene, res), _ = forward_loss(batch["image"], batch["cloud"], batch["lengths"], key,
                                                        sample_gen)
                 except _NonFiniteOutput:
-                    raise NonFiniteError(
-                        f"non-finite model output (slot vertices) at step {state.step + 1} (epoch {state.epoch}): "
-                        f"the weights overflowed at an earlier step; batch files on rank {accelerator.process_index}:"
-                        f" {', '.join(batch_paths[:8])}{' ...' if len(batch_paths) > 8 else ''}. No checkpoint was "
-                        "written for this step; lower optim.lr or set optim.grad_clip") from None
+                    raise _nonfinite_output_error(state.step + 1, state.epoch, batch_paths) from None
                 nonfinite_local += (~torch.isfinite(res.total.detach())).float()
+                # Eagerly the geometry refuses non-finite vertices (above); a replayed graph cannot raise, so
+                # the same fact travels as a flag
+                bad_output_local += (~torch.isfinite(scene.slot_verts)).any().float()
                 if graphed is None:
                     accelerator.backward(res.total)
                 grad_norm = None
@@ -447,16 +456,18 @@ def train(cfg: Config) -> dict:
                     # agree across ranks whether this step is finite: (loss, gradient norm) flags, summed
                     grad_bad = torch.zeros_like(nonfinite_local) if grad_norm is None else \
                         (~torch.isfinite(grad_norm)).float().to(nonfinite_local.device)
-                    flags = accelerator.reduce(torch.stack([nonfinite_local, grad_bad]), reduction="sum")
+                    flags = accelerator.reduce(torch.stack([nonfinite_local, grad_bad, bad_output_local]),
+                                               reduction="sum")
                     nonfinite_local.zero_()
+                    bad_output_local.zero_()
                     if deferred is not None:
                         # the previous step's flags: it finished while this step's work was being queued
                         deferred.resolve()
                         # Adam skips a non-finite step on the GPU (as under a grad scaler); the host reads
                         # the flags one step later instead of waiting for this step to finish
                         inner_optimizer.found_inf = (flags.sum() > 0).float()
+                        deferred.push(flags, state.step + 1, state.epoch, batch_paths)  # before Adam: resolves sooner
                         optimizer.step()
-                        deferred.push(flags, state.step + 1, state.epoch, batch_paths)
                     else:
                         # one host sync per optimizer step
                         if not check_flags(flags.tolist(), state.step + 1, state.epoch, batch_paths):
@@ -566,6 +577,11 @@ def cuda_graphs_blocker(cfg: Config, device: torch.device, world: int, is_deepsp
         return "does not work with fp16's grad scaler; bf16 does"
     if t.compile:
         return "is not combined with train.compile"
+    from protodepth.geometry.knn import _use_triton
+
+    if not _use_triton():
+        return ("needs the Triton KNN (PROTODEPTH_DISABLE_TRITON is set or triton is missing); its torch "
+                "fallback copies values to the GPU on every call, which a capture does not allow")
     if cfg.progressive.shape in ("linear", "cosine"):
         # every new (samples, targets) pair is a new capture with its own memory: plateaus only
         return (f"progressive.shape={cfg.progressive.shape} changes the point counts every step; "

@@ -57,13 +57,23 @@ def test_cuda_graphs_auto_stays_off_without_a_gpu(tmp_path):
     ({"train.compile": True}, "compile"),
     ({"progressive.shape": "linear", "progressive.steps": 10}, "progressive.shape=step"),
 ])
-def test_cuda_graphs_blocker_names_the_reason(tmp_path, extra, needle):
+def test_cuda_graphs_blocker_names_the_reason(tmp_path, monkeypatch, extra, needle):
+    import protodepth.geometry.knn as knn
     from protodepth.train import cuda_graphs_blocker
+
+    monkeypatch.setattr(knn, "_use_triton", lambda: True)  # as on a CUDA machine, whatever this one has
 
     cfg = tiny_config(tmp_path, **extra)
     assert needle in cuda_graphs_blocker(cfg, torch.device("cuda"), 1, False)
     assert "process" in cuda_graphs_blocker(tiny_config(tmp_path), torch.device("cuda"), 2, False)
     assert cuda_graphs_blocker(tiny_config(tmp_path), torch.device("cuda"), 1, False) is None
+
+
+def test_cuda_graphs_blocker_needs_the_triton_knn(tmp_path, monkeypatch):
+    from protodepth.train import cuda_graphs_blocker
+
+    monkeypatch.setenv("PROTODEPTH_DISABLE_TRITON", "1")  # the torch fallback copies to the GPU: not capturable
+    assert "Triton" in cuda_graphs_blocker(tiny_config(tmp_path), torch.device("cuda"), 1, False)
 
 
 # ------------------------------------------------------------------------------------------------- GPU only
@@ -148,7 +158,7 @@ def test_replay_follows_the_generator_seed():
 
 @pytest.mark.cuda
 @cuda
-def test_each_progressive_level_gets_its_own_graph_and_stays_correct():
+def test_each_progressive_level_gets_its_own_graph_and_results_stay_correct():
     from protodepth.cuda_graphs import GraphedStep
 
     model, image, cloud, lengths = _small_problem()
@@ -158,8 +168,9 @@ def test_each_progressive_level_gets_its_own_graph_and_stays_correct():
     keys = [(16, 100), (64, None)]
     for key in keys + keys:  # warm-up and capture of both
         graphed(image, cloud, lengths, key, 7)
-    assert set(graphed.graphs) == set(keys)
-    for key in keys:  # replaying the other graph in between must not corrupt this one's results
+    assert list(graphed.graphs) == [keys[-1]]  # the ramp only goes up: a new level drops the older graphs
+    assert graphed.keep_alive  # the mesh-loss topology the graph reads by address
+    for key in keys:  # going back to a level recaptures it; the pool shared with the dropped graphs stays sound
         loss = graphed(image, cloud, lengths, key, 9).clone()
         ref, _ = _eager(model, fn, image, cloud, lengths, key, 9)
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
@@ -249,3 +260,32 @@ def test_a_step_that_cannot_be_captured_fails_naming_the_way_out():
 
     r = run_script([python(), "-c", _UNCAPTURABLE], timeout=120)
     assert r.returncode != 0 and "train.cuda_graphs=false" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("graphs", [
+    False, pytest.param(True, marks=[pytest.mark.cuda, cuda])])
+def test_overflowed_weights_stop_the_run_even_in_skip_mode(tmp_path, monkeypatch, graphs):
+    """Non-finite slot vertices mean the weights overflowed: skipping would skip every later step, so the run
+    stops, eagerly (the geometry refuses them) and from a replayed graph (a per-step flag, read one step late)."""
+    import protodepth.train as tr
+    from protodepth.model import ProtoDepth
+    from protodepth.train import NonFiniteError
+
+    poison = torch.ones((), device="cuda" if graphs else "cpu")  # read by address in every replay
+    real_forward, real_lr = ProtoDepth.forward, tr.lr_factor
+
+    def forward(self, image):
+        out = real_forward(self, image)
+        return out._replace(slot_verts=out.slot_verts * poison)
+
+    def lr_factor(step, *a, **k):
+        if step == 4:  # asked after optimizer step 4: step 5 (a replay with graphs) gets inf vertices
+            poison.fill_(float("inf"))
+        return real_lr(step, *a, **k)
+
+    monkeypatch.setattr(ProtoDepth, "forward", forward)
+    monkeypatch.setattr(tr, "lr_factor", lr_factor)
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 8, "train.log_every": 10, "train.on_nonfinite": "skip",
+                                   "train.cuda_graphs": graphs})
+    with pytest.raises(NonFiniteError, match=r"non-finite model output \(slot vertices\) at step 5"):
+        train(cfg)

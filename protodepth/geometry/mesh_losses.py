@@ -101,6 +101,12 @@ _TOPO_CACHE: "OrderedDict[tuple, tuple[weakref.ref, _Topology]]" = OrderedDict()
 _TOPO_CACHE_SIZE = 16
 
 
+def cached_topologies() -> list:
+    """The topologies cached now. A CUDA graph that replays the mesh losses reads their tensors by address,
+    so it must keep them alive even after this cache evicts them (cuda_graphs.GraphedStep holds them)."""
+    return [topo for _, topo in _TOPO_CACHE.values()]
+
+
 def _topology(verts: torch.Tensor, faces: torch.Tensor) -> _Topology:
     """Validated, cached topology for this faces tensor and vertex count."""
     key = (id(faces), faces._version, verts.shape[1], tuple(faces.shape), str(faces.device))

@@ -82,8 +82,9 @@ def sample_points_from_meshes(
         total = areas.sum(1)
         if capturing(verts.device):
             # No host reads during CUDA-graph capture. Give degenerate meshes uniform face weights so that
-            # multinomial stays valid; their points are NaN or collapsed, so the loss the trainer checks
-            # after every replay shows the problem (non-finite vertices give a non-finite loss).
+            # multinomial stays valid. Non-finite vertices still give non-finite points, which the trainer's
+            # per-step flags catch. A finite mesh collapsed to zero area is sampled on its collapsed faces,
+            # where the eager check would raise instead.
             ok = (torch.isfinite(total) & (total > 0))[:, None]
             areas = torch.where(ok, areas, torch.ones_like(areas))
         elif not bool(torch.isfinite(total).all() & (total > 0).all()):

@@ -24,6 +24,7 @@ Knobs (environment variables):
 """
 from __future__ import annotations
 
+from protodepth.errors import CheckpointError, NoCheckpointError  # noqa: F401  (raised here)
 import json
 import os
 import re
@@ -39,12 +40,6 @@ FSYNC_ENV = "PROTODEPTH_CHECKPOINT_FSYNC"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was asked for, or one could not be written."""
-
-
-class NoCheckpointError(CheckpointError):
-    """`resume=latest` found no checkpoint folder at all (a fresh run), as opposed to only broken ones."""
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:

@@ -22,10 +22,7 @@ from typing import Any
 import yaml
 
 from protodepth.data.config import DataConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and how to fix it."""
+from protodepth.errors import ConfigError
 
 
 def _check(cond: bool, name: str, msg: str) -> None:

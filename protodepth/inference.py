@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from protodepth.errors import InferError
 import argparse
 import csv
 import json
@@ -15,9 +16,6 @@ from pathlib import Path
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin")
 
-
-class InferError(ValueError):
-    """A bad checkpoint or input; the message names the file or folder."""
 
 
 def resolve_checkpoint(path: Path) -> Path:

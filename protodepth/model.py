@@ -5,6 +5,7 @@ Knows nothing of losses, data files or Accelerate: `ProtoDepth(cfg)(image)` give
 """
 from __future__ import annotations
 
+from protodepth.errors import WeightsError  # noqa: F401  (raised here)
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -45,9 +46,6 @@ class SceneOutput(NamedTuple):
     slot_verts: torch.Tensor
     prototypes: torch.Tensor
 
-
-class WeightsError(ValueError):
-    """Backbone weights were asked for that cannot be had."""
 
 
 def build_backbone(weights: str) -> nn.Module:

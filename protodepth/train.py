@@ -20,15 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from protodepth import checkpoint as ckpt
-from protodepth.config import Config, ConfigError
+from protodepth.config import Config
+from protodepth.errors import ConfigError, DataSetupError, NonFiniteError
 from protodepth.data import build_datasets, collate_depth
 from protodepth.loss import proto_depth_loss
 from protodepth.model import ProtoDepth
 from protodepth.schedules import Ramp, lr_factor
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients stopped being finite."""
 
 
 class _NonFiniteOutput(Exception):
@@ -61,10 +58,6 @@ class DeferredCheck:
         self.pending = None
         event.synchronize()
         self.check(buf.tolist(), step, epoch, paths)
-
-
-class DataSetupError(ValueError):
-    """The data named by the config can't be opened (missing folder, no frames, bad cache...)."""
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from protodepth.inference import InferError, load_model, run  # noqa: E402,F401  (load_model: for callers)
+from protodepth.inference import load_model, run  # noqa: E402,F401  (load_model: for callers)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,29 +51,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ checkpoint
 
-def main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        res = run(args)
-    except InferError as e:
-        if args.traceback:
-            raise
-        from protodepth.errors import one_line
-
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from protodepth.errors import USER_ERRORS, one_line  # imported late: it pulls in the trainer
-
-        if args.traceback or not isinstance(e, USER_ERRORS):
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    res = run(args)
     m = res["mean"]
     print(f"{res['count']} images on {res['device']}: mean chamfer {m['chamfer']:.6g} m^2 (pred->target "
           f"{m['pred_to_target']:.6g}, target->pred {m['target_to_pred']:.6g}); results in {args.output}"
           + (f"; skipped {len(res['skipped'])} bad files" if res["skipped"] else ""))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Exit code 0, or 2 with one `error: ...` line for a user error (protodepth.errors.run_cli)."""
+    from protodepth.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

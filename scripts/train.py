@@ -11,7 +11,6 @@ Any config field can be overridden as section.field=value (value parsed as YAML)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -39,37 +38,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from protodepth.errors import USER_ERRORS, one_line
     from protodepth.config import load_config
+    from protodepth.train import train
 
     overrides = list(args.overrides)
     for flag, key in (("resume", "train.resume"), ("output_dir", "train.output_dir"),
                       ("max_steps", "train.max_steps"), ("wandb", "train.wandb")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    try:
-        cfg = load_config(args.config, overrides)
-        from protodepth.train import train
+    train(load_config(args.config, overrides))
+    return 0
 
-        train(cfg)
-    except USER_ERRORS as e:
-        if args.traceback:
-            raise
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        message = f"{prefix}error: {one_line(e)}"
-    else:
-        return 0
-    # Printed only now, after the exception (and through its traceback the trainer's frames) is gone: a
-    # progress bar left open by the failure then prints its last state when collected here, not after our line,
-    # which must stay the last one. The newline ends a bar line that may still own the cursor.
-    import gc
 
-    gc.collect()
-    print(f"\n{message}", file=sys.stderr)
-    return 2
+def main(argv: list[str]) -> int:
+    """Exit code 0, or 2 with one `error: ...` line for a user error (protodepth.errors.run_cli)."""
+    from protodepth.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

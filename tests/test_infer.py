@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from trainer_utils import REPO, python, run_script, tiny_config
+from protodepth.errors import InferError
 
 from protodepth import viz
 
@@ -162,5 +163,5 @@ def test_load_model_restores_the_saved_weights(trained, tmp_path):
     # a checkpoint of another model size is refused, naming the mismatch
     del state["offsets"]
     save_file(state, str(other / "model.safetensors"))
-    with pytest.raises(infer.InferError, match="missing.*offsets"):
+    with pytest.raises(InferError, match="missing.*offsets"):
         infer.load_model(other, torch.device("cpu"))

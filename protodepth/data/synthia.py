@@ -12,6 +12,7 @@ points sorted by Z bin (with per-bin counts). Both data paths call it, so they a
 """
 from __future__ import annotations
 
+from protodepth.errors import BadFrameError  # noqa: F401  (raised here)
 import os
 import zlib
 from dataclasses import dataclass
@@ -27,9 +28,6 @@ CODE_MAX = (1 << 24) - 1  # 16 777 215: the code of 1000 m
 ENCODING_MAX_DEPTH = 1000.0  # metres at CODE_MAX
 ENCODING_STEP = ENCODING_MAX_DEPTH / CODE_MAX  # metres per code step
 
-
-class BadFrameError(ValueError):
-    """A depth frame cannot be used (unreadable, wrong pixel format, or no valid point); names the file."""
 
 
 # ------------------------------------------------------------------------------------------------ encoding

@@ -52,6 +52,17 @@ class RunFolderError(UserError, RuntimeError):
     """The run folder holds another run, or can't be written."""
 
 
+def require(ok: bool, field: str, problem: str) -> None:
+    """The one form of every config check: `ConfigError("section.field: problem")`. `problem` says what was
+    given and what is expected or how to fix it, e.g. require(lr > 0, "optim.lr", f"got {lr}, must be > 0")."""
+    if not ok:
+        raise ConfigError(f"{field}: {problem}")
+
+
+def require_one_of(value, field: str, choices: tuple) -> None:
+    require(value in choices, field, f"got {value!r}, expected one of {', '.join(map(repr, choices))}")
+
+
 def one_line(e: BaseException) -> str:
     """The message of a user error as one line. An error re-raised from a DataLoader worker carries the worker's
     traceback in its message; its last line is the original message."""

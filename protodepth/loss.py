@@ -20,6 +20,15 @@ from protodepth.geometry import (
 from protodepth.geometry._checks import capturing
 
 
+class SamplingLevel(NamedTuple):
+    """How densely one step samples: points drawn on each slot's mesh, and target points kept per cloud
+    (None = the whole cloud). Progressive schedules step through these; the CUDA-graph step keeps one
+    graph per level."""
+
+    samples_per_slot: int
+    max_targets: int | None
+
+
 class LossOutput(NamedTuple):
     total: torch.Tensor  # () the training objective
     terms: dict[str, torch.Tensor]  # () each, detached, for logging
@@ -45,16 +54,16 @@ def hybrid_chamfer(
     target: torch.Tensor,
     lengths: torch.Tensor,
     cfg: LossConfig,
-    samples_per_slot: int | None = None,
+    samples_per_slot: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Chamfer part of the loss.
+    """Chamfer part of the loss, with S = samples_per_slot points drawn on each slot.
 
     slot_verts (B, K, V, 3), faces (F, 3), target (B, N, 3) zero-padded with lengths (B,).
     Returns (chamfer (), {global, slot, repulsion} each (), pred (B, K, S, 3)).
     """
     B, K, V, _ = slot_verts.shape
-    S = samples_per_slot or cfg.samples_per_slot
+    S = samples_per_slot
     pred = sample_points_from_meshes(slot_verts.reshape(B * K, V, 3), faces, S, generator=generator)
     pred = pred.view(B, K, S, 3)
     pred_flat = pred.reshape(B, K * S, 3)
@@ -111,15 +120,16 @@ def proto_depth_loss(
     target: torch.Tensor,
     lengths: torch.Tensor,
     cfg: LossConfig,
-    samples_per_slot: int | None = None,
+    level: SamplingLevel | None = None,
     generator: torch.Generator | None = None,
-    max_targets: int | None = None,
 ) -> LossOutput:
     """Total loss = w_chamfer * hybrid Chamfer + w_edge * edge + w_normal * normal + w_laplacian * laplacian.
 
     slot_verts (B, K, V, 3), prototypes (P, V, 3), faces (F, 3), target (B, N, 3), lengths (B,).
-    samples_per_slot / max_targets: progressive sampling (None: cfg.samples_per_slot / the whole cloud).
+    level: the sampling level of this step (progressive sampling); None = SamplingLevel(cfg.samples_per_slot, None).
     """
+    if level is None:
+        level = SamplingLevel(cfg.samples_per_slot, None)
     if target.shape[0] != slot_verts.shape[0]:
         raise ValueError(f"target: batch {target.shape[0]} does not match slot_verts batch {slot_verts.shape[0]}")
     # (a host read: skipped while a CUDA graph is captured; the data layer never yields an empty cloud, it
@@ -128,9 +138,10 @@ def proto_depth_loss(
         raise ValueError("lengths: every target cloud needs at least one point (an empty cloud has no Chamfer)")
     with torch.autocast(device_type=slot_verts.device.type, enabled=False):
         slot_verts, prototypes, target = slot_verts.float(), prototypes.float(), target.float()
-        if max_targets is not None:
-            target, lengths = subsample_targets(target, lengths, max_targets, generator)
-        chamfer, terms, pred = hybrid_chamfer(slot_verts, faces, target, lengths, cfg, samples_per_slot, generator)
+        if level.max_targets is not None:
+            target, lengths = subsample_targets(target, lengths, level.max_targets, generator)
+        chamfer, terms, pred = hybrid_chamfer(slot_verts, faces, target, lengths, cfg, level.samples_per_slot,
+                                              generator)
         reg = prototype_regularisers(prototypes, faces, cfg)
         total = (
             cfg.w_chamfer * chamfer

@@ -93,12 +93,12 @@ def _small_problem(seed=0):
 
 
 def _step_fn(model, cfg):
-    from protodepth.loss import proto_depth_loss
+    from protodepth.loss import SamplingLevel, proto_depth_loss
 
     def fn(image, cloud, lengths, key, gen):
         scene = model(image)
         res = proto_depth_loss(scene.slot_verts, scene.prototypes, model.faces, cloud, lengths, cfg,
-                               samples_per_slot=key[0], generator=gen, max_targets=key[1])
+                               SamplingLevel(*key), generator=gen)
         return res.total.detach(), res.total
     return fn
 

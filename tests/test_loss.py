@@ -6,7 +6,7 @@ import torch
 
 from protodepth.config import LossConfig
 from protodepth.geometry import ico_sphere
-from protodepth.loss import proto_depth_loss, repulsion
+from protodepth.loss import proto_depth_loss, repulsion, subsample_targets
 
 
 def dense_reference(pred, target, lengths, centroids, cfg):
@@ -95,3 +95,21 @@ def test_empty_target_cloud_is_refused():
     lengths[0] = 0
     with pytest.raises(ValueError, match="lengths"):
         proto_depth_loss(slot_verts, protos, faces, target, lengths, LossConfig(samples_per_slot=5))
+
+
+def test_sampling_level_sets_samples_per_slot_and_target_subset():
+    from protodepth.loss import SamplingLevel
+
+    slot_verts, protos, faces, target, lengths = make_scene(N=50)
+    cfg = LossConfig(samples_per_slot=10)
+    assert proto_depth_loss(slot_verts, protos, faces, target, lengths, cfg).pred_points.shape[2] == 10
+    res = proto_depth_loss(slot_verts, protos, faces, target, lengths, cfg, SamplingLevel(7, None))
+    assert res.pred_points.shape[2] == 7
+    # max_targets keeps a random subset of each cloud: the same as subsampling first with the same draws
+    sub = proto_depth_loss(slot_verts, protos, faces, target, lengths, cfg, SamplingLevel(7, 4),
+                           generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t4, l4 = subsample_targets(target, lengths, 4, generator=g)
+    assert t4.shape[1] == 4
+    ref = proto_depth_loss(slot_verts, protos, faces, t4, l4, cfg, SamplingLevel(7, None), generator=g)
+    assert torch.equal(sub.total, ref.total)

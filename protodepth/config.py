@@ -5,7 +5,7 @@ bad field as `section.field` with a hint on how to fix it, so a typo in a YAML f
 fails before any work starts. YAML files hold any subset of the tree; command-line overrides are dotted
 `section.field=value` pairs whose values are parsed as YAML (so `train.max_steps=100`, `data.val_sequences=[SEQ1]`).
 
-The dataclass defaults are the original research code's hyper-parameters (see shared/reference); the
+The dataclass defaults are the original research code's hyper-parameters; the
 documented exceptions are the training length (`max_steps` instead of 1000 epochs) and everything that the
 original did not have (mixed precision, schedules, checkpoints). `configs/quickstart.yaml` is the small
 setup that `scripts/train.py` uses when no config is given; `configs/original.yaml` is the full-size one.
@@ -13,6 +13,7 @@ setup that `scripts/train.py` uses when no config is given; `configs/original.ya
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,16 +23,16 @@ from typing import Any
 import yaml
 
 from protodepth.data.config import DataConfig
-from protodepth.errors import ConfigError
+from protodepth.errors import ConfigError, require, require_one_of
 
 
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
-
-
-def _one_of(value: Any, name: str, choices: tuple) -> None:
-    _check(value in choices, name, f"got {value!r}, expected one of {', '.join(map(repr, choices))}")
+def _require_finite(section: Any, prefix: str) -> None:
+    """Every float field of a config dataclass is a finite number: YAML's `.inf` / `.nan` pass any `> 0` check
+    (inf) or every comparison's negation (nan), and would otherwise train with a silently broken value."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        if isinstance(v, float):
+            require(math.isfinite(v), f"{prefix}.{f.name}", f"got {v}, must be a finite number")
 
 
 @dataclass
@@ -52,13 +53,14 @@ class ModelConfig:
     head_input_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.num_slots >= 1, "model.num_slots", f"got {self.num_slots}, must be >= 1")
-        _check(self.num_prototypes >= 1, "model.num_prototypes", f"got {self.num_prototypes}, must be >= 1")
-        _check(0 <= self.ico_level <= 6, "model.ico_level", f"got {self.ico_level}, must be in 0..6 (4 is the original)")
-        _check(self.scale_max > 0, "model.scale_max", f"got {self.scale_max}, must be > 0")
-        _check(self.trans_max > 0, "model.trans_max", f"got {self.trans_max}, must be > 0")
-        _check(self.head_input_scale > 0, "model.head_input_scale", f"got {self.head_input_scale}, must be > 0")
-        _check(bool(self.weights), "model.weights", "must be 'none', 'imagenet' or a path to a weights file")
+        _require_finite(self, "model")
+        require(self.num_slots >= 1, "model.num_slots", f"got {self.num_slots}, must be >= 1")
+        require(self.num_prototypes >= 1, "model.num_prototypes", f"got {self.num_prototypes}, must be >= 1")
+        require(0 <= self.ico_level <= 6, "model.ico_level", f"got {self.ico_level}, must be in 0..6 (4 is the original)")
+        require(self.scale_max > 0, "model.scale_max", f"got {self.scale_max}, must be > 0")
+        require(self.trans_max > 0, "model.trans_max", f"got {self.trans_max}, must be > 0")
+        require(self.head_input_scale > 0, "model.head_input_scale", f"got {self.head_input_scale}, must be > 0")
+        require(bool(self.weights), "model.weights", "must be 'none', 'imagenet' or a path to a weights file")
 
 
 @dataclass
@@ -77,13 +79,14 @@ class LossConfig:
     laplacian_method: str = "uniform"
 
     def __post_init__(self) -> None:
-        _check(self.samples_per_slot >= 1, "loss.samples_per_slot", f"got {self.samples_per_slot}, must be >= 1")
-        _check(self.k_nearest >= 1, "loss.k_nearest", f"got {self.k_nearest}, must be >= 1")
+        _require_finite(self, "loss")
+        require(self.samples_per_slot >= 1, "loss.samples_per_slot", f"got {self.samples_per_slot}, must be >= 1")
+        require(self.k_nearest >= 1, "loss.k_nearest", f"got {self.k_nearest}, must be >= 1")
         for name in ("w_global", "w_slot", "w_repulsion", "w_chamfer", "w_edge", "w_normal", "w_laplacian"):
             v = getattr(self, name)
-            _check(v >= 0 and v == v, f"loss.{name}", f"got {v}, must be a finite number >= 0")
-        _check(self.repulsion_min_distance >= 0, "loss.repulsion_min_distance", "must be >= 0")
-        _one_of(self.laplacian_method, "loss.laplacian_method", ("uniform", "cot", "cotcurv"))
+            require(v >= 0, f"loss.{name}", f"got {v}, must be a finite number >= 0")
+        require(self.repulsion_min_distance >= 0, "loss.repulsion_min_distance", "must be >= 0")
+        require_one_of(self.laplacian_method, "loss.laplacian_method", ("uniform", "cot", "cotcurv"))
 
 
 @dataclass
@@ -102,12 +105,12 @@ class ProgressiveConfig:
     num_levels: int = 4  # plateaus of the "step" shape
 
     def __post_init__(self) -> None:
-        _one_of(self.shape, "progressive.shape", ("constant", "linear", "step", "cosine"))
-        _check(self.steps >= 0, "progressive.steps", f"got {self.steps}, must be >= 0")
-        _check(self.samples_start >= 1, "progressive.samples_start", "must be >= 1")
-        _check(self.targets_start >= 1, "progressive.targets_start", "must be >= 1")
-        _check(self.num_levels >= 2, "progressive.num_levels", "must be >= 2")
-        _check(self.shape == "constant" or self.steps > 0, "progressive.steps",
+        require_one_of(self.shape, "progressive.shape", ("constant", "linear", "step", "cosine"))
+        require(self.steps >= 0, "progressive.steps", f"got {self.steps}, must be >= 0")
+        require(self.samples_start >= 1, "progressive.samples_start", "must be >= 1")
+        require(self.targets_start >= 1, "progressive.targets_start", "must be >= 1")
+        require(self.num_levels >= 2, "progressive.num_levels", "must be >= 2")
+        require(self.shape == "constant" or self.steps > 0, "progressive.steps",
                f"must be > 0 for shape {self.shape!r} (the ramp's length in optimizer steps)")
 
 
@@ -122,14 +125,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"got {self.lr}, must be > 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+        _require_finite(self, "optim")
+        require(self.lr > 0, "optim.lr", f"got {self.lr}, must be > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"got {self.betas}, expected two numbers in [0, 1)")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.grad_clip >= 0, "optim.grad_clip", f"got {self.grad_clip}, must be >= 0 (0 disables)")
-        _one_of(self.schedule, "optim.schedule", ("constant", "cosine"))
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(self.grad_clip >= 0, "optim.grad_clip", f"got {self.grad_clip}, must be >= 0 (0 disables)")
+        require_one_of(self.schedule, "optim.schedule", ("constant", "cosine"))
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
 
 
 @dataclass
@@ -139,7 +143,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"; geometry always runs in fp32
-    seed: int = 0
+    seed: int = 0  # in [0, 2**32 - 1], the range numpy's and Python's seeding share
     log_every: int = 10
     val_every: int = 200  # 0 disables validation
     val_batches: int = 0  # 0: the whole validation split
@@ -159,30 +163,33 @@ class TrainConfig:
     viz_images: int = 4  # images of the batch drawn per snapshot (the main process's share of the batch)
     on_nonfinite: str = "error"  # "error": stop naming step and files; "skip": drop the step
     dist_timeout_s: int = 600  # process-group timeout: a dead rank ends the job within this bound
+    # A fresh run (no train.resume) into a folder that holds another run refuses unless this is true.
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _check(bool(self.output_dir), "train.output_dir", "must be a folder path")
+        require(bool(self.output_dir), "train.output_dir", "must be a folder path")
         for name in ("batch_size", "max_steps", "grad_accum"):
-            _check(getattr(self, name) >= 1, f"train.{name}", f"got {getattr(self, name)}, must be >= 1")
-        _one_of(self.mixed_precision, "train.mixed_precision", ("no", "fp16", "bf16"))
+            require(getattr(self, name) >= 1, f"train.{name}", f"got {getattr(self, name)}, must be >= 1")
+        require_one_of(self.mixed_precision, "train.mixed_precision", ("no", "fp16", "bf16"))
+        require(0 <= self.seed <= 2**32 - 1, "train.seed", f"got {self.seed}, must be in [0, 2**32 - 1]")
         for name in ("log_every",):
-            _check(getattr(self, name) >= 1, f"train.{name}", f"got {getattr(self, name)}, must be >= 1")
+            require(getattr(self, name) >= 1, f"train.{name}", f"got {getattr(self, name)}, must be >= 1")
         for name in ("val_every", "val_batches", "ckpt_every", "viz_every", "viz_images"):
-            _check(getattr(self, name) >= 0, f"train.{name}", f"got {getattr(self, name)}, must be >= 0")
-        _check(self.ckpt_limit >= 1, "train.ckpt_limit", f"got {self.ckpt_limit}, must be >= 1")
-        _one_of(self.wandb, "train.wandb", ("auto", "online", "offline", "disabled"))
-        _one_of(self.on_nonfinite, "train.on_nonfinite", ("error", "skip"))
-        _check(self.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 second")
-        _check(isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto", "train.cuda_graphs",
+            require(getattr(self, name) >= 0, f"train.{name}", f"got {getattr(self, name)}, must be >= 0")
+        require(self.ckpt_limit >= 1, "train.ckpt_limit", f"got {self.ckpt_limit}, must be >= 1")
+        require_one_of(self.wandb, "train.wandb", ("auto", "online", "offline", "disabled"))
+        require_one_of(self.on_nonfinite, "train.on_nonfinite", ("error", "skip"))
+        require(self.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 second")
+        require(isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto", "train.cuda_graphs",
                f"got {self.cuda_graphs!r}, expected true, false or 'auto'")
         if self.cuda_graphs is True:
-            _check(self.grad_accum == 1, "train.cuda_graphs",
+            require(self.grad_accum == 1, "train.cuda_graphs",
                    f"needs train.grad_accum=1 (got {self.grad_accum}): a captured backward assigns gradients, it cannot "
                    "add to them; raise train.batch_size instead, or set train.cuda_graphs=false")
-            _check(self.mixed_precision != "fp16", "train.cuda_graphs",
+            require(self.mixed_precision != "fp16", "train.cuda_graphs",
                    "does not work with fp16's grad scaler; use train.mixed_precision=bf16 (or no), or set "
                    "train.cuda_graphs=false")
-            _check(not self.compile, "train.cuda_graphs",
+            require(not self.compile, "train.cuda_graphs",
                    "and train.compile are two ways to cut launch overhead; choose one (set the other to false)")
 
 
@@ -194,6 +201,18 @@ class Config:
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # The global term asks every target point for its loss.k_nearest nearest predicted points; with fewer
+        # points than that, the nearest-neighbour search pads with dummies and the loss is silently wrong.
+        K, S = self.model.num_slots, self.loss.samples_per_slot
+        fewest, what = K * S, f"model.num_slots={K} x loss.samples_per_slot={S}"
+        if self.progressive.shape != "constant" and self.progressive.samples_start < S:
+            start = self.progressive.samples_start
+            fewest, what = K * start, f"model.num_slots={K} x progressive.samples_start={start}, at the ramp's start"
+        require(self.loss.k_nearest <= fewest, "loss.k_nearest",
+                f"got {self.loss.k_nearest}, but the model predicts only {fewest} points per image ({what}); "
+                f"use at most {fewest}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -252,6 +271,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             value = float(value)
         if not _type_ok(value, tp):
             raise ConfigError(f"{name}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+        if isinstance(value, float):  # every section, also those that validate themselves elsewhere (data)
+            require(math.isfinite(value), name, f"got {value}, must be a finite number")
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -263,6 +284,60 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"key {key!r} appears twice (lines {first_line} and {line})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the last
+    one, so a section repeated further down a config file would silently drop the first one's values."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may legitimately repeat keys
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                except TypeError:  # an unhashable key: the base loader names it
+                    continue
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def _read_config_file(path: Path) -> Any:
+    """The YAML tree of a config file; every way the file can be unusable is one ConfigError naming it."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not a text file (byte {e.start} is not UTF-8); "
+                          "expected a YAML config") from None
+    try:
+        return _parse_yaml(text)
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path}: {e}; keep one (a repeated key silently drops the first)") from None
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(f"config file {path}: not a text file (character #x{e.character:04x} at position "
+                          f"{e.position}); expected a YAML config") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -283,7 +358,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "." not in key:
         raise ConfigError(f"override {text!r}: expected section.field=value, e.g. train.max_steps=100")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _parse_yaml(raw) if raw != "" else None
+    except _DuplicateKey as e:
+        raise ConfigError(f"override {text!r}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
     return key.strip(), value
@@ -294,14 +371,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            raise ConfigError(f"config file {path}: not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
+        tree = _read_config_file(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from protodepth.data import DataConfig, build_datasets
+from protodepth.errors import ConfigError, DataSetupError
 from protodepth.data.synthia import (CODE_MAX, ENCODING_STEP, BadFrameError, backproject, decode_depth_rgb,
                                      draw_indices, encode_depth_rgb, list_frames, network_input, process_depth,
                                      read_depth_png, write_depth_png, z_bins)
@@ -196,13 +197,60 @@ def test_bad_pixels_skipped_at_load_time(tmp_path):
     assert train[1]["path"].endswith("2.png") and train.num_skipped == 1  # remembered, not retried
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("source", "kitti", "data.source"), ("format", "hdf5", "data.format"), ("height", 0, "data.height"),
-    ("num_bins", 0, "data.num_bins"), ("max_depth", -1.0, "data.max_depth"), ("val_fraction", 1.0, "data.val_fraction"),
-    ("pool_per_bin", 5, "data.pool_per_bin"), ("focal", 0.0, "data.focal"),
+def _bomb_png(path, w=100000, h=100000):
+    """A tiny PNG whose header claims w x h 8-bit RGB pixels (Pillow refuses to open it as a decompression bomb)."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b""))
+
+
+def test_header_claiming_huge_size_is_one_bad_frame_line_and_skippable(tmp_path):
+    d = tmp_path / "SEQ1" / "DepthLeft"
+    d.mkdir(parents=True)
+    for i in range(3):
+        _good_png(d / f"{i}.png")
+    _bomb_png(d / "5_bomb.png")
+    with pytest.raises(BadFrameError, match=r"5_bomb\.png: its header claims 100000x100000 pixels") as err:
+        read_depth_png(d / "5_bomb.png")
+    assert "\n" not in str(err.value)
+    cfg = dict(source="synthia", root=str(tmp_path), height=8, width=8, val_fraction=0.0)
+    with pytest.raises(BadFrameError, match="5_bomb.png"):
+        build_datasets(DataConfig(**cfg), seed=0)
+    with pytest.warns(RuntimeWarning, match="skipped 1 of 4"):
+        train, _ = build_datasets(DataConfig(**cfg, skip_bad_frames=True), seed=0)
+    assert len(train) == 3 and all("bomb" not in train[i]["path"] for i in range(3))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("source", "kitti", "data.source: got 'kitti', expected one of 'synthetic', 'synthia'"),
+    ("format", "hdf5", "data.format: got 'hdf5', expected one of 'png', 'cache'"),
+    ("height", 0, "data.height: got 0, must be an integer number of pixels >= 8"),
+    ("num_bins", 0, "data.num_bins: got 0, must be an integer >= 1"),
+    ("max_depth", -1.0, "data.max_depth: got -1.0, must be a finite number of metres > 0"),
+    ("val_fraction", 1.0, "data.val_fraction: got 1.0, must be a number in [0, 1)"),
+    ("pool_per_bin", 5, "data.pool_per_bin: got 5, smaller than data.points_per_bin=2000"),
+    ("focal", 0.0, "data.focal: got 0.0, must be a focal length in pixels > 0"),
+    ("device", "tpu", "data.device: got 'tpu', expected one of 'auto', 'cpu', 'cuda'"),
+    ("num_workers", "many", "data.num_workers: got 'many', must be an integer >= 0 or 'auto'"),
+    ("num_workers", -1, "data.num_workers: got -1, must be an integer >= 0 or 'auto'"),
 ])
-def test_config_validation(field, value, words):
-    with pytest.raises(ValueError, match=words):
+def test_config_validation_raises_config_error_naming_the_field(field, value, message):
+    with pytest.raises(ConfigError) as err:
         DataConfig(**{field: value})
-    with pytest.raises(ValueError, match="data.root"):
+    assert str(err.value).startswith(message)
+    with pytest.raises(ConfigError, match="data.root: is required"):
         DataConfig(source="synthia")
+
+
+def test_data_layer_errors_are_protodepth_errors(tmp_path):
+    """Missing folders and caches are DataSetupErrors (still FileNotFoundErrors for older callers)."""
+    from protodepth.data.cache import open_cache
+    with pytest.raises(DataSetupError, match="folder not found") as err:
+        list_frames(str(tmp_path / "nope"))
+    assert isinstance(err.value, FileNotFoundError)
+    cfg = DataConfig(source="synthia", root=str(tmp_path), format="cache", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataSetupError, match="prepare_data"):
+        open_cache(cfg, str(tmp_path))
+    with pytest.raises(BadFrameError, match="file not found"):
+        read_depth_png(tmp_path / "gone.png")

@@ -28,6 +28,8 @@ from protodepth.data.dataset import DepthDataset, gray_to_rgb, scan_frames
 from protodepth.data.synthia import (BadFrameError, Frame, draw_indices, frame_key, list_frames, process_depth,
                                      read_depth_png, sample_rng)
 from protodepth.data.synthetic import folder_lock, read_meta, replace_folder
+from protodepth.data.synthia import DataNotFoundError
+from protodepth.errors import DataSetupError
 
 CACHE_FORMAT = "protodepth-depth-cache"
 CACHE_VERSION = 2
@@ -110,27 +112,27 @@ def read_manifest(cache_dir: str) -> dict:
         with open(path) as f:
             m = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"preprocessed data {path}: not found; build it with `python scripts/prepare_data.py "
+        raise DataNotFoundError(f"preprocessed data {path}: not found; build it with `python scripts/prepare_data.py "
                                 "--config <your config>` or use data.format=png") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"preprocessed data {path}: manifest is not valid JSON ({e}); rebuild it with "
+        raise DataSetupError(f"preprocessed data {path}: manifest is not valid JSON ({e}); rebuild it with "
                          "scripts/prepare_data.py") from None
     if not isinstance(m, dict) or m.get("format") != CACHE_FORMAT:
-        raise ValueError(f"preprocessed data {path}: not a protodepth cache manifest; point data.cache_dir at a "
+        raise DataSetupError(f"preprocessed data {path}: not a protodepth cache manifest; point data.cache_dir at a "
                          "folder written by scripts/prepare_data.py")
     if m.get("version") != CACHE_VERSION:
-        raise ValueError(f"preprocessed data {path}: cache version {m.get('version')}, this protodepth reads "
+        raise DataSetupError(f"preprocessed data {path}: cache version {m.get('version')}, this protodepth reads "
                          f"version {CACHE_VERSION}; rebuild it with scripts/prepare_data.py")
     return m
 
 
 def check_manifest(m: dict, cfg: DataConfig, cache_dir: str) -> None:
-    """Raise ValueError naming the first field where the cache's build settings differ from `cfg`."""
+    """Raise DataSetupError naming the first field where the cache's build settings differ from `cfg`."""
     path = os.path.join(cache_dir, MANIFEST)
     built = m.get("config", {})
     for field, want in cfg.cache_fields().items():
         if built.get(field) != want:
-            raise ValueError(f"data.{field}: the config says {want!r} but the preprocessed data {path} was built with "
+            raise DataSetupError(f"data.{field}: the config says {want!r} but the preprocessed data {path} was built with "
                              f"{built.get(field)!r}; rebuild it (python scripts/prepare_data.py with this config) or "
                              "point data.cache_dir elsewhere")
 
@@ -151,7 +153,7 @@ class DepthCache:
         h, w = m["image_shape"]
         n = len(self.rels)
         if self.offsets.shape != (n, cfg.num_bins + 1):
-            raise ValueError(f"preprocessed data {cache_dir}/offsets.npy: shape {self.offsets.shape}, expected "
+            raise DataSetupError(f"preprocessed data {cache_dir}/offsets.npy: shape {self.offsets.shape}, expected "
                              f"{(n, cfg.num_bins + 1)}; the cache is damaged, rebuild it")
         self._shapes = {"images.bin": ((n, h, w), np.dtype(m["image_dtype"])),
                         "points.bin": ((m["num_points"], 3), np.dtype(np.float32))}
@@ -160,7 +162,7 @@ class DepthCache:
             want = int(np.prod(shape)) * dt.itemsize
             have = os.path.getsize(path) if os.path.exists(path) else -1
             if have != want:
-                raise ValueError(f"preprocessed data {path}: {have} bytes, expected {want}; the cache is incomplete "
+                raise DataSetupError(f"preprocessed data {path}: {have} bytes, expected {want}; the cache is incomplete "
                                  "or damaged, rebuild it with scripts/prepare_data.py")
         self._maps: dict | None = None
 
@@ -204,8 +206,8 @@ class CachedDepthDataset(DepthDataset):
 
 def open_cache(cfg: DataConfig, root: str, progress: bool = True) -> DepthCache:
     """Open the cache for `cfg` (checking its manifest). For the synthetic source a missing or outdated cache
-    is (re)built here under a file lock; for SYNTHIA a missing one raises FileNotFoundError saying how to build
-    it, and one built with other settings raises ValueError naming the field."""
+    is (re)built here under a file lock; for SYNTHIA a missing one raises DataNotFoundError saying how to build
+    it, and one built with other settings raises DataSetupError naming the field."""
     cache_dir = cfg.resolved_cache_dir()
     if cfg.source == "synthetic":
         meta = read_meta(root)

@@ -1,8 +1,8 @@
 """`DataConfig`: every option of the depth data path, validated on construction.
 
-A wrong value raises `ValueError("data.<field>: <what is wrong>; <how to fix>")` so the top-level config
-(`protodepth.config`) can pass the message through unchanged. See `docs/data.md` for the user-facing
-description of each field.
+A wrong value raises `protodepth.errors.ConfigError("data.<field>: got <value>, <what is expected>")` through
+`require` / `require_one_of`, the one validation style of every config section. See `docs/data.md` for the
+user-facing description of each field.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from protodepth.errors import require, require_one_of
+
 # SYNTHIA-SF's documented camera: focal length in pixels at the native 1920x1080 frame size.
 SYNTHIA_FOCAL = 847.630211643
 SYNTHIA_NATIVE_WIDTH = 1920
@@ -18,10 +20,15 @@ SYNTHIA_NATIVE_WIDTH = 1920
 SOURCES = ("synthetic", "synthia")
 FORMATS = ("png", "cache")
 CACHE_DTYPES = ("float32", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def _fail(field: str, what: str, fix: str) -> None:
-    raise ValueError(f"data.{field}: {what}; {fix}")
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -61,52 +68,52 @@ class DataConfig:
     synthetic_height: int = 240
     synthetic_width: int = 320
     synthetic_seed: int = 0
-    num_workers: int = 2  # DataLoader worker processes (0: load in the main process)
+    # DataLoader worker processes per training process (0: load in the main process); "auto": from the cores
+    # per process, max(1, min(8, cpu_count // processes_on_this_machine - 1)) (see `workers_per_process`)
+    num_workers: int | str = 2
+    # Where batches are assembled: "cuda" keeps the whole preprocessed cache on the GPU (gathers and point
+    # draws on the device, no workers); "cpu" uses DataLoader workers; "auto" picks "cuda" for a cache (or the
+    # synthetic source) that fits in a quarter of the free GPU memory (see `protodepth.data.loaders`)
+    device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            _fail("source", f"got {self.source!r}", f"use one of {', '.join(map(repr, SOURCES))}")
-        if self.format not in FORMATS:
-            _fail("format", f"got {self.format!r}", f"use one of {', '.join(map(repr, FORMATS))}")
-        if self.cache_dtype not in CACHE_DTYPES:
-            _fail("cache_dtype", f"got {self.cache_dtype!r}", f"use one of {', '.join(map(repr, CACHE_DTYPES))}")
-        if self.image_channels not in (1, 3):
-            _fail("image_channels", f"got {self.image_channels!r}", "use 3 (repeated channel) or 1 (single channel)")
-        if self.source == "synthia" and not self.root:
-            _fail("root", "is required when data.source is 'synthia'",
-                  "set it to the SYNTHIA-SF folder (holding SEQ*/DepthLeft/*.png) or to one DepthLeft folder")
+        require_one_of(self.source, "data.source", SOURCES)
+        require_one_of(self.format, "data.format", FORMATS)
+        require_one_of(self.cache_dtype, "data.cache_dtype", CACHE_DTYPES)
+        require_one_of(self.image_channels, "data.image_channels", (3, 1))
+        require_one_of(self.device, "data.device", DEVICES)
+        require(self.source != "synthia" or bool(self.root), "data.root",
+                "is required when data.source is 'synthia'; set it to the SYNTHIA-SF folder (holding "
+                "SEQ*/DepthLeft/*.png) or to one DepthLeft folder")
         for name in ("root", "cache_dir"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, str) or not v):
-                _fail(name, f"got {v!r}", "give a folder path or leave it unset (null)")
+            require(v is None or (isinstance(v, str) and bool(v)), f"data.{name}",
+                    f"got {v!r}, must be a folder path or unset (null)")
         for name in ("height", "width", "synthetic_height", "synthetic_width"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 8:
-                _fail(name, f"got {v!r}", "use an integer number of pixels >= 8")
+            require(_is_int(v) and v >= 8, f"data.{name}", f"got {v!r}, must be an integer number of pixels >= 8")
         for name, low in (("num_bins", 1), ("points_per_bin", 1), ("pool_per_bin", 0), ("synthetic_num_scenes", 1),
-                          ("synthetic_sequences", 1), ("num_workers", 0), ("synthetic_seed", 0)):
+                          ("synthetic_sequences", 1), ("synthetic_seed", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                _fail(name, f"got {v!r}", f"use an integer >= {low}")
-        if self.pool_per_bin and self.pool_per_bin < self.points_per_bin:
-            _fail("pool_per_bin", f"got {self.pool_per_bin}, smaller than data.points_per_bin={self.points_per_bin}",
-                  "use 0 (no pool cap) or a value >= points_per_bin (e.g. 8x it)")
-        if self.synthetic_sequences > self.synthetic_num_scenes:
-            _fail("synthetic_sequences", f"got {self.synthetic_sequences} > synthetic_num_scenes="
-                  f"{self.synthetic_num_scenes}", "use at most one sequence per scene")
+            require(_is_int(v) and v >= low, f"data.{name}", f"got {v!r}, must be an integer >= {low}")
+        require(self.num_workers == "auto" or (_is_int(self.num_workers) and self.num_workers >= 0),
+                "data.num_workers", f"got {self.num_workers!r}, must be an integer >= 0 or 'auto'")
+        require(not self.pool_per_bin or self.pool_per_bin >= self.points_per_bin, "data.pool_per_bin",
+                f"got {self.pool_per_bin}, smaller than data.points_per_bin={self.points_per_bin}; use 0 (no pool "
+                "cap) or a value >= points_per_bin (e.g. 8x it)")
+        require(self.synthetic_sequences <= self.synthetic_num_scenes, "data.synthetic_sequences",
+                f"got {self.synthetic_sequences} > synthetic_num_scenes={self.synthetic_num_scenes}, must be at most "
+                "one sequence per scene")
         for name in ("max_depth", "depth_scale"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                _fail(name, f"got {v!r}", "use a finite number of metres > 0")
-        if self.focal is not None and (not isinstance(self.focal, (int, float)) or not math.isfinite(self.focal)
-                                       or self.focal <= 0):
-            _fail("focal", f"got {self.focal!r}", "use a focal length in pixels > 0, or null for SYNTHIA's camera")
-        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
-            _fail("val_fraction", f"got {self.val_fraction!r}", "use a number in [0, 1); 0 means no validation split")
-        if self.val_sequences is not None:
-            seqs = self.val_sequences
-            if not isinstance(seqs, list) or not all(isinstance(s, str) and s for s in seqs):
-                _fail("val_sequences", f"got {seqs!r}", "give a list of sequence folder names, e.g. [SEQ6]")
+            require(_is_number(v) and v > 0, f"data.{name}", f"got {v!r}, must be a finite number of metres > 0")
+        require(self.focal is None or (_is_number(self.focal) and self.focal > 0), "data.focal",
+                f"got {self.focal!r}, must be a focal length in pixels > 0, or null for SYNTHIA's camera")
+        require(_is_number(self.val_fraction) and 0.0 <= self.val_fraction < 1.0, "data.val_fraction",
+                f"got {self.val_fraction!r}, must be a number in [0, 1); 0 means no validation split")
+        seqs = self.val_sequences
+        require(seqs is None or (isinstance(seqs, list) and all(isinstance(s, str) and s for s in seqs)),
+                "data.val_sequences", f"got {seqs!r}, must be a list of sequence folder names, e.g. [SEQ6]")
 
     # ------------------------------------------------------------------------------------------ derived
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from protodepth.data.config import DataConfig
+from protodepth.errors import ConfigError
 from protodepth.data.synthia import (BadFrameError, Frame, check_png_header, draw_indices, frame_key, list_frames,
                                      process_depth, read_depth_png, sample_rng)
 
@@ -33,12 +34,12 @@ def split_indices(sequences: list[str], cfg: DataConfig) -> tuple[list[int], lis
         have = sorted(set(sequences))
         unknown = [s for s in cfg.val_sequences if s not in have]
         if unknown:
-            raise ValueError(f"data.val_sequences: {unknown} not found; the data has sequences {have}")
+            raise ConfigError(f"data.val_sequences: {unknown} not found; the data has sequences {have}")
         val_set = set(cfg.val_sequences)
         val = [i for i, s in enumerate(sequences) if s in val_set]
         train = [i for i, s in enumerate(sequences) if s not in val_set]
         if not train:
-            raise ValueError(f"data.val_sequences: {cfg.val_sequences} is every sequence; leave some for training")
+            raise ConfigError(f"data.val_sequences: {cfg.val_sequences} is every sequence; leave some for training")
         return train, val
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(sequences):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from protodepth.data.config import DataConfig
 from protodepth.data.synthia import write_depth_png
+from protodepth.errors import DataSetupError
 
 GENERATOR_VERSION = 2
 META_NAME = "protodepth_synthetic.json"
@@ -240,7 +241,7 @@ def ensure_synthetic(cfg: DataConfig, progress: bool = True) -> str:
     """Make sure the synthetic scenes for `cfg` exist under `cfg.resolved_root()`; returns that folder.
 
     Generates them (with a progress bar) if the folder is missing, or regenerates it if its metadata records
-    other settings. Refuses (ValueError) to replace a non-empty folder that protodepth did not generate."""
+    other settings. Refuses (DataSetupError) to replace a non-empty folder that protodepth did not generate."""
     root = cfg.resolved_root()
     want = synthetic_meta(cfg)
     if read_meta(root) == want:  # the common case, without touching the lock
@@ -250,7 +251,7 @@ def ensure_synthetic(cfg: DataConfig, progress: bool = True) -> str:
         if have == want:  # another process generated it while we waited
             return root
         if have is None and os.path.isdir(root) and os.listdir(root):
-            raise ValueError(f"data.root {root}: exists and is not a protodepth synthetic folder (no {META_NAME}); "
+            raise DataSetupError(f"data.root {root}: exists and is not a protodepth synthetic folder (no {META_NAME}); "
                              "for data.source=synthetic point data.root at a new or empty folder")
         if have is not None and progress:
             changed = sorted(k for k in want if have.get(k) != want[k])

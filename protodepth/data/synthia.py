@@ -12,8 +12,8 @@ points sorted by Z bin (with per-bin counts). Both data paths call it, so they a
 """
 from __future__ import annotations
 
-from protodepth.errors import BadFrameError  # noqa: F401  (raised here)
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 
@@ -23,11 +23,19 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from protodepth.data.config import DataConfig
+from protodepth.errors import BadFrameError, DataSetupError
 
 CODE_MAX = (1 << 24) - 1  # 16 777 215: the code of 1000 m
 ENCODING_MAX_DEPTH = 1000.0  # metres at CODE_MAX
 ENCODING_STEP = ENCODING_MAX_DEPTH / CODE_MAX  # metres per code step
 
+
+class DataNotFoundError(DataSetupError, FileNotFoundError):
+    """A dataset folder or file is missing; also a FileNotFoundError, so callers that catch that keep working."""
+
+
+class FrameNotFoundError(BadFrameError, FileNotFoundError):
+    """A listed depth frame is gone (deleted after the folder was listed); skipped like any bad frame."""
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -65,6 +73,15 @@ def write_depth_png(path: str | os.PathLike, depth: np.ndarray, compress_level: 
     Image.fromarray(encode_depth_rgb(depth), mode="RGB").save(path, format="PNG", compress_level=compress_level)
 
 
+def _png_header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as written in a PNG's IHDR chunk (bytes 16..24), without Pillow; (0, 0) if unreadable."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or not head.startswith(b"\x89PNG"):
+        return 0, 0
+    return struct.unpack(">II", head[16:24])
+
+
 def check_png_header(path: str | os.PathLike) -> tuple[int, int]:
     """Open only the header of a depth PNG; returns (H, W). Raises `BadFrameError` naming the file when it
     is not a PNG or not 8-bit RGB (grayscale, 16-bit, palette, RGBA...)."""
@@ -75,7 +92,13 @@ def check_png_header(path: str | os.PathLike) -> tuple[int, int]:
             # ("RGB;16B") is the only sign of it
             rawmode = str(im.tile[0][3]) if im.tile else ""
     except FileNotFoundError:
-        raise FileNotFoundError(f"depth frame {path}: file not found") from None
+        raise FrameNotFoundError(f"depth frame {path}: file not found") from None
+    except Image.DecompressionBombError:
+        # Pillow refuses a header claiming more than 2x Image.MAX_IMAGE_PIXELS pixels before decoding anything
+        w, h = _png_header_size(path)
+        raise BadFrameError(f"depth frame {path}: its header claims {w}x{h} pixels, more than Pillow's safety limit "
+                            f"of {2 * Image.MAX_IMAGE_PIXELS} (a corrupt or hostile file); SYNTHIA depth frames are "
+                            "1920x1080") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadFrameError(f"depth frame {path}: not a readable PNG image ({e.__class__.__name__}); "
                             "SYNTHIA depth frames are 8-bit RGB PNGs") from None
@@ -96,7 +119,7 @@ def check_png_header(path: str | os.PathLike) -> tuple[int, int]:
 
 def read_depth_png(path: str | os.PathLike) -> np.ndarray:
     """Read a SYNTHIA depth PNG -> depth in metres (H, W) float64. Raises `BadFrameError` naming the file for
-    a truncated or non-PNG file or a pixel format other than 8-bit RGB; `FileNotFoundError` if missing."""
+    a truncated or non-PNG file or a pixel format other than 8-bit RGB; `FrameNotFoundError` (a BadFrameError) if missing."""
     check_png_header(path)
     try:
         with Image.open(path) as im:
@@ -247,12 +270,13 @@ class Frame:
 def list_frames(root: str) -> list[Frame]:
     """Depth PNGs under `root`, sorted by sequence then file name. Accepted layouts: `root/*/DepthLeft/*.png`
     (the SYNTHIA-SF root, any number of sequences), `root/DepthLeft/*.png` (one sequence), `root/*.png`
-    (one folder). Raises `FileNotFoundError` naming the folder if it is missing or holds no PNG."""
+    (one folder). Raises `DataNotFoundError` (a DataSetupError and FileNotFoundError) naming the folder if it
+    is missing or holds no PNG."""
     if not os.path.exists(root):
-        raise FileNotFoundError(f"data.root {root}: folder not found; point data.root at the SYNTHIA-SF folder "
+        raise DataNotFoundError(f"data.root {root}: folder not found; point data.root at the SYNTHIA-SF folder "
                                 "(holding SEQ*/DepthLeft/*.png) or at one DepthLeft folder")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.root {root}: is a file, not a folder; point it at the folder holding the PNGs")
+        raise DataNotFoundError(f"data.root {root}: is a file, not a folder; point it at the folder holding the PNGs")
 
     def pngs(folder: str) -> list[str]:
         return sorted(n for n in os.listdir(folder) if n.lower().endswith(".png")
@@ -273,6 +297,6 @@ def list_frames(root: str) -> list[Frame]:
                 name = os.path.basename(os.path.dirname(os.path.normpath(root))) or name
             frames = [Frame(os.path.join(root, n), n, name) for n in pngs(root)]
     if not frames:
-        raise FileNotFoundError(f"data.root {root}: no depth PNG found (looked for */DepthLeft/*.png, "
+        raise DataNotFoundError(f"data.root {root}: no depth PNG found (looked for */DepthLeft/*.png, "
                                 "DepthLeft/*.png and *.png); check the path")
     return frames

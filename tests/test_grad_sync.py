@@ -1,0 +1,169 @@
+"""FlatGrads / broadcast_params_ (protodepth/grad_sync.py): gradient averaging without DDP, checked against DDP
+with 2 CPU processes over gloo."""
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from protodepth.grad_sync import FlatGrads, broadcast_params_
+
+ADAM_STEPS = 3
+TINY_BUCKET_MB = 1 / 1024  # 1 KiB buckets: several all-reduces in flight at once
+
+
+class Net(nn.Module):
+    """A channels-last conv, a contiguous conv, BatchNorm, a linear head and a float64 parameter (two buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1).to(memory_format=torch.channels_last)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, stride=2)
+        self.head = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x.contiguous(memory_format=torch.channels_last))))
+        x = self.conv2(x).mean(dim=(2, 3))
+        return self.head(x) * self.scale.float()
+
+
+def _loss(model, x):
+    return (model(x) ** 2).mean()
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)  # different data on every rank
+    return torch.randn(4, 3, 10, 10, generator=g)
+
+
+def _view_report(grads: FlatGrads) -> list[dict]:
+    rows = []
+    for p in grads.params:
+        buf = grads.buffers[(p.device, p.dtype)]
+        start, end = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+        rows.append({"inside": start <= p.grad.data_ptr() < end, "grad_stride": p.grad.stride(),
+                     "param_stride": p.stride(), "shares_storage": p.grad.untyped_storage().data_ptr()
+                     == buf.untyped_storage().data_ptr()})
+    return rows
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different initial weights on every rank: both sides must take rank 0's
+        model = Net()
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))  # broadcasts rank 0's state
+        broadcast_params_(list(model.parameters()) + list(model.buffers()))
+        grads = FlatGrads(model.parameters(), bucket_mb=TINY_BUCKET_MB)
+        assert len(grads.buckets) > 2
+
+        x = _batch(rank, 0)
+        _loss(ddp, x).backward()
+        _loss(model, x).backward()
+        views = _view_report(grads)  # after backward: autograd must have written into the views, not replaced them
+        grads.all_reduce_mean_()
+        first = {"ours": [p.grad.clone() for p in model.parameters()],
+                 "ddp": [p.grad.clone() for p in ddp.module.parameters()],
+                 "views": views, "buckets": len(grads.buckets)}
+
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(1, ADAM_STEPS + 1):
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # detaches the views; zero_() re-attaches them
+            grads.zero_()
+            _loss(model, _batch(rank, step)).backward()
+            grads.all_reduce_mean_()
+        opt.step()
+        first["params_after_adam"] = [p.detach().clone() for p in model.parameters()]
+        torch.save(first, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run `_worker` on 2 forked CPU processes over gloo once; returns each rank's saved results."""
+    out = tmp_path_factory.mktemp("grad_sync")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="fork")
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_all_reduce_mean_gives_ddp_gradients(two_ranks):
+    for r in two_ranks:
+        assert r["buckets"] > 2
+        for ours, ddp in zip(r["ours"], r["ddp"], strict=True):
+            assert ours.dtype == ddp.dtype
+            torch.testing.assert_close(ours, ddp, atol=1e-6, rtol=1e-6)
+    # the mean really crossed ranks: both ranks hold the same gradients although their data differ
+    for a, b in zip(two_ranks[0]["ours"], two_ranks[1]["ours"]):
+        assert torch.equal(a, b)
+
+
+def test_adam_steps_leave_ranks_bit_identical(two_ranks):
+    p0, p1 = (r["params_after_adam"] for r in two_ranks)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    # and training moved them (the check is not comparing untouched weights)
+    torch.manual_seed(0)
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(p0, Net().parameters()))
+
+
+def test_grads_are_strided_views_of_the_flat_buffer(two_ranks):
+    for r in two_ranks:
+        for row in r["views"]:
+            assert row["inside"] and row["shares_storage"]
+            assert row["grad_stride"] == row["param_stride"]
+    # the channels-last conv weight keeps its channels-last strides
+    strides = [row["param_stride"] for row in two_ranks[0]["views"]]
+    assert (27, 1, 9, 3) in strides  # conv1.weight (8, 3, 3, 3) channels-last
+
+
+def test_flat_grads_one_buffer_per_dtype_and_in_place_accumulation():
+    model = Net()
+    grads = FlatGrads(list(model.parameters()) + [model.scale])  # a repeated parameter counts once
+    assert set(grads.buffers) == {(torch.device("cpu"), torch.float32), (torch.device("cpu"), torch.float64)}
+    x = _batch(0, 0)
+    _loss(model, x).backward()
+    once = [p.grad.clone() for p in model.parameters()]
+    _loss(model, x).backward()  # accumulates into the same views
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g)
+        assert p.grad.stride() == p.stride()
+    grads.zero_()
+    assert all(b.abs().sum() == 0 for b in grads.buffers.values())
+
+
+def test_buckets_cover_each_buffer_exactly():
+    model = Net()
+    grads = FlatGrads(model.parameters(), bucket_mb=TINY_BUCKET_MB)
+    assert all(b.numel() * b.element_size() <= 1024 for b in grads.buckets)
+    assert sum(b.numel() for b in grads.buckets) == grads.numel()
+    one = FlatGrads(Net().parameters())  # default 25 MB: one bucket per buffer
+    assert len(one.buckets) == len(one.buffers)
+
+
+def test_without_process_group_sync_is_a_no_op():
+    model = Net()
+    grads = FlatGrads(model.parameters())
+    _loss(model, _batch(0, 0)).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    grads.all_reduce_mean_()
+    broadcast_params_(model.parameters())
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+
+
+def test_non_dense_parameter_is_refused():
+    p = nn.Parameter(torch.zeros(4, 6)[:, ::2])
+    with pytest.raises(ValueError, match="not dense"):
+        FlatGrads([p])

@@ -9,13 +9,13 @@ processes (DDP ranks) may call it at once.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 from contextlib import contextmanager
 
 import numpy as np
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from protodepth.data.config import DataConfig
@@ -216,14 +216,20 @@ def read_meta(root: str) -> dict | None:
 
 @contextmanager
 def folder_lock(path: str):
-    """An exclusive lock on `path + '.lock'` held for the block (blocks until other holders are done)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """An exclusive inter-process lock on `path + '.lock'` held for the block (waits for other holders).
+
+    A folder we cannot create or lock (read-only disk, no permission) is a DataSetupError naming it."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        lock = FileLock(path + ".lock")
+        lock.acquire()
+    except OSError as e:
+        raise DataSetupError(f"{path}: cannot create or lock this data folder ({e.strerror or e}); point the "
+                             "data settings at a writable folder") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def replace_folder(tmp: str, final: str) -> None:

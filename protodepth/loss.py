@@ -17,7 +17,7 @@ from protodepth.geometry import (
     mesh_normal_consistency,
     sample_points_from_meshes,
 )
-from protodepth.geometry._checks import capturing
+from protodepth.geometry import host_reads_allowed
 
 
 class SamplingLevel(NamedTuple):
@@ -132,9 +132,9 @@ def proto_depth_loss(
         level = SamplingLevel(cfg.samples_per_slot, None)
     if target.shape[0] != slot_verts.shape[0]:
         raise ValueError(f"target: batch {target.shape[0]} does not match slot_verts batch {slot_verts.shape[0]}")
-    # (a host read: skipped while a CUDA graph is captured; the data layer never yields an empty cloud, it
-    # rejects frames without a valid depth pixel)
-    if not capturing(lengths.device) and bool((lengths < 1).any()):
+    # (a host read: skipped in capture_mode and under torch.compile; the data layer never yields an empty
+    # cloud, it rejects frames without a valid depth pixel)
+    if host_reads_allowed() and bool((lengths < 1).any()):
         raise ValueError("lengths: every target cloud needs at least one point (an empty cloud has no Chamfer)")
     with torch.autocast(device_type=slot_verts.device.type, enabled=False):
         slot_verts, prototypes, target = slot_verts.float(), prototypes.float(), target.float()

@@ -112,7 +112,7 @@ def test_sampling_rejects_bad_input():
         sample_points_from_meshes(V, faces[None].repeat(2, 1, 1), 10)
     with pytest.raises(ValueError, match="num_samples"):
         sample_points_from_meshes(V, faces, 0)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="Meshes contain nan or inf."):
         sample_points_from_meshes(V * float("nan"), faces, 10)
     with pytest.raises(ValueError, match="zero total area"):
         sample_points_from_meshes(V * 0, faces, 10)

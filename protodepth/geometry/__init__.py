@@ -2,6 +2,7 @@
 
 Meshes are batches sharing one topology: verts (M, V, 3) with faces (F, 3), or faces (M, F, 3).
 """
+from ._mode import capture_mode, host_reads_allowed
 from .chamfer import chamfer_distance
 from .icosphere import ico_sphere
 from .knn import KNN, knn_gather, knn_points
@@ -10,6 +11,8 @@ from .rotations import euler_angles_to_matrix, matrix_to_euler_angles
 from .sampling import points_from_barycentrics, sample_points_from_meshes
 
 __all__ = [
+    "capture_mode",
+    "host_reads_allowed",
     "ico_sphere",
     "euler_angles_to_matrix",
     "matrix_to_euler_angles",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ._mode import host_reads_allowed
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,21 +45,12 @@ def check_same_last_dim(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tens
         raise ValueError(f"{name_b}: point dimension {b.shape[-1]} does not match {name_a}'s point dimension {a.shape[-1]}")
 
 
-def capturing(device: torch.device) -> bool:
-    """True while a CUDA graph is being captured on the current stream of a CUDA device.
-
-    Value checks that read a device tensor on the host (one sync each) are illegal during capture; the
-    trainer's CUDA-graph step runs them in its eager warm-up steps and checks the captured step's loss
-    for non-finite values after every replay instead.
-    """
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def fill_lengths(name: str, lengths, n: int, p: int, device: torch.device) -> torch.Tensor:
     """Validate an optional lengths tensor against a padded (N, P, ...) batch; return it as int64 (N,).
 
     None means every cloud is full (length P). Values must lie in [0, P]; checking that costs one
-    device sync, which is cheap next to any op that takes lengths (skipped during CUDA-graph capture).
+    device sync, which is cheap next to any op that takes lengths (skipped in capture_mode and under
+    torch.compile, where the caller answers for them).
     """
     if lengths is None:
         return torch.full((n,), p, dtype=torch.int64, device=device)
@@ -70,7 +63,7 @@ def fill_lengths(name: str, lengths, n: int, p: int, device: torch.device) -> to
     if lengths.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {lengths.device}")
     lengths = lengths.to(torch.int64)
-    if n > 0 and not capturing(device) and bool(((lengths < 0) | (lengths > p)).any()):
+    if n > 0 and host_reads_allowed() and bool(((lengths < 0) | (lengths > p)).any()):
         raise ValueError(f"{name}: every value must lie in [0, {p}], got {lengths.tolist()[:16]}")
     return lengths
 
@@ -88,7 +81,8 @@ def check_norm(norm) -> None:
 def check_mesh(verts, faces, check_index_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a batch of meshes: verts (M, V, 3) float, faces (F, 3) shared or (M, F, 3) int64.
 
-    Index range checking costs one device sync; the topology caches call it once per faces tensor.
+    Index range checking costs one device sync; the topology caches call it once per faces tensor. It is
+    skipped in capture_mode and under torch.compile (no host reads there).
     """
     check_points("verts", verts, "(M, V, 3)", last_dim=3)
     if not torch.is_tensor(faces):
@@ -103,7 +97,7 @@ def check_mesh(verts, faces, check_index_range: bool = True) -> tuple[torch.Tens
         raise ValueError(f"faces: expected a tensor on {verts.device} (verts' device), got one on {faces.device}")
     if faces.shape[-2] == 0:
         raise ValueError("faces: expected at least one face, got F = 0")
-    if check_index_range and faces.numel() > 0:
+    if check_index_range and faces.numel() > 0 and host_reads_allowed():
         lo, hi = int(faces.min()), int(faces.max())
         if lo < 0 or hi >= verts.shape[1]:
             raise ValueError(f"faces: vertex indices must lie in [0, {verts.shape[1] - 1}], got range [{lo}, {hi}]")
@@ -120,6 +114,8 @@ def check_mesh_cached(verts, faces) -> None:
     import weakref
 
     check_mesh(verts, faces, check_index_range=False)
+    if not host_reads_allowed():
+        return  # and remember nothing: the range is checked on the next eager call
     key = (id(faces), faces._version, verts.shape[1])
     ref = _VALIDATED_FACES.get(key)
     if ref is not None and ref() is faces:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_norm, check_points, check_reduction, fill_lengths
+from ._mode import host_reads_allowed
 from .knn import knn_gather, knn_points
 
 
@@ -31,11 +32,6 @@ def _single_direction(x, y, x_lengths, y_lengths, x_normals, y_normals, weights,
     return_normals = x_normals is not None and y_normals is not None
     n, p1, _ = x.shape
     x_pad = torch.arange(p1, device=x.device)[None] >= x_lengths[:, None]  # (N, P1)
-    if weights is not None and bool(weights.sum() == 0.0):
-        # PyTorch3D returns zeros of shape (N, 1) that keep the graph
-        w = weights.view(n, 1)
-        return (x.sum((1, 2)) * w) * 0.0, (x.sum((1, 2)) * w) * 0.0
-
     cham_norm_x = x.new_zeros(())
     nn = knn_points(x, y, lengths1=x_lengths, lengths2=y_lengths, norm=norm, K=1)
     cham_x = nn.dists[..., 0].masked_fill(x_pad, 0.0)  # (N, P1)
@@ -62,6 +58,17 @@ def _single_direction(x, y, x_lengths, y_lengths, x_normals, y_normals, weights,
     return cham_x, (cham_norm_x if return_normals else None)
 
 
+def _zero_weights_result(x, weights, batch_reduction):
+    """PyTorch3D's answer when every weight is 0: zeros that keep the graph, for loss_normals too (normals
+    or not): scalars with a batch reduction, else (N, N) (PyTorch3D broadcasts (N,) against (N, 1)). In
+    capture_mode and under torch.compile (no host read can notice all-zero weights) the general path
+    runs instead and gives zeros of the usual shapes."""
+    per = x.sum((1, 2)) * weights.view(-1, 1) * 0.0  # (N, N)
+    if batch_reduction is None:
+        return per, per.clone()
+    return per.sum(), per.sum()
+
+
 def _batch_reduce(loss, loss_normals, weights, batch_reduction):
     if batch_reduction is None:
         return loss, loss_normals
@@ -72,10 +79,9 @@ def _batch_reduce(loss, loss_normals, weights, batch_reduction):
     if batch_reduction == "mean":
         if weights is None:
             div = max(n, 1)
-        elif bool(weights.sum() == 0.0):
-            div = 1
         else:
-            div = weights.sum()
+            wsum = weights.sum()
+            div = torch.where(wsum == 0.0, torch.ones_like(wsum), wsum)  # no host read
         loss = loss / div
         if loss_normals is not None:
             loss_normals = loss_normals / div
@@ -128,8 +134,11 @@ def chamfer_distance(
         if not torch.is_tensor(weights) or weights.shape != (n,):
             shape = tuple(weights.shape) if torch.is_tensor(weights) else type(weights).__name__
             raise ValueError(f"weights: expected shape ({n},), got {shape}")
-        if not bool((weights >= 0).all()):
-            raise ValueError("weights: must be >= 0")
+        if host_reads_allowed():
+            if not bool((weights >= 0).all()):
+                raise ValueError("weights: must be >= 0")
+            if bool(weights.sum() == 0.0):
+                return _zero_weights_result(x, weights, batch_reduction)
 
     cham_x, cham_norm_x = _single_direction(
         x, y, x_lengths, y_lengths, x_normals, y_normals, weights, point_reduction, norm, abs_cosine)

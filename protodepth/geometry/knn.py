@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._checks import capturing, check_norm, check_points, check_same_batch, check_same_last_dim, check_tensor, fill_lengths
+from ._checks import check_norm, check_points, check_same_batch, check_same_last_dim, check_tensor, fill_lengths
 
 # Distances per block. 2^22 fp32 = 16 MiB on the CPU keeps a block in the last-level cache; the GPU
 # path wants fewer, larger launches (2^26 fp32 = 256 MiB).
@@ -432,8 +432,7 @@ def knn_gather(x: torch.Tensor, idx: torch.Tensor, lengths: Optional[torch.Tenso
     out = x.gather(1, idx.reshape(n, L * K, 1).expand(-1, -1, u)).reshape(n, L, K, u)
     if lengths is not None:
         lengths = fill_lengths("lengths", lengths, n, m, x.device)
-        # the any() only saves a masked_fill; during CUDA-graph capture (no host reads) always mask
-        if n > 0 and (capturing(x.device) or bool((lengths < K).any())):
-            mask = torch.arange(K, device=x.device)[None, :] >= lengths[:, None]  # (N, K)
-            out = out.masked_fill(mask[:, None, :, None], 0.0)
+        # always masked: testing first whether any slot is padded would cost a host read
+        mask = torch.arange(K, device=x.device)[None, :] >= lengths[:, None]  # (N, K)
+        out = out.masked_fill(mask[:, None, :, None], 0.0)
     return out

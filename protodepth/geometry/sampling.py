@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import capturing, check_mesh_cached
+from ._checks import check_mesh_cached
+from ._mode import host_reads_allowed
 
 
 def _face_vertex_index(faces: torch.Tensor, face_idx: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,12 @@ def sample_points_from_meshes(
         return_face_info: also return the chosen face indices (M, S) int64 and barycentric
             weights (M, S, 3), so callers can re-evaluate the same samples on other vertices.
         generator: torch.Generator on verts' device, for reproducible draws.
+    Degenerate meshes (a choice, made explicit): eagerly, non-finite vertices raise ValueError ("Meshes
+    contain nan or inf.", as PyTorch3D) and a mesh whose faces have zero total area raises ValueError
+    (PyTorch3D fails inside multinomial). In capture_mode() and under torch.compile, which allow no
+    host reads, nothing is raised: such a mesh's faces are drawn uniformly instead, so a finite mesh
+    collapsed to zero area yields points on its collapsed faces (finite, with zero normals), and
+    non-finite vertices yield non-finite points, which the caller's check of the loss catches.
     Returns:
         points (M, S, 3) alone, or a tuple (points, [normals (M, S, 3)], [face_idx, bary]).
     """
@@ -76,20 +83,17 @@ def sample_points_from_meshes(
         raise ValueError("verts: expected at least one mesh, got M = 0")
     with torch.no_grad():
         vd = verts.detach()
-        # one sync for both checks: non-finite vertices, and meshes whose faces have no area
+        # one host read for both checks: non-finite vertices, and meshes whose faces have no area
         # (multinomial would fail on them with an unhelpful message)
         areas = face_areas(vd.float(), faces)  # (M, F), accumulated in fp32 for half inputs
         total = areas.sum(1)
-        if capturing(verts.device):
-            # No host reads during CUDA-graph capture. Give degenerate meshes uniform face weights so that
-            # multinomial stays valid. Non-finite vertices still give non-finite points, which the trainer's
-            # per-step flags catch. A finite mesh collapsed to zero area is sampled on its collapsed faces,
-            # where the eager check would raise instead.
+        if not host_reads_allowed():
+            # no host reads (see the docstring): degenerate meshes get uniform face weights
             ok = (torch.isfinite(total) & (total > 0))[:, None]
             areas = torch.where(ok, areas, torch.ones_like(areas))
-        elif not bool(torch.isfinite(total).all() & (total > 0).all()):
+        elif not bool(torch.isfinite(total).all() & (total > 0).all() & torch.isfinite(vd).all()):
             if not bool(torch.isfinite(vd).all()):
-                raise ValueError("verts: contains NaN or Inf")
+                raise ValueError("verts: Meshes contain nan or inf.")
             bad = (total <= 0).nonzero().flatten().tolist()[:8]
             raise ValueError(f"faces: meshes {bad} have zero total area, cannot sample points on them")
         face_idx = torch.multinomial(areas, num_samples, replacement=True, generator=generator)  # (M, S)

@@ -13,6 +13,7 @@ from protodepth.data.cache import build_cache, open_cache
 from protodepth.data.dataset import split_indices
 from protodepth.data.synthetic import META_NAME, ensure_synthetic, render_scene, scene_layout
 from protodepth.data.synthia import ENCODING_STEP, BadFrameError, list_frames, read_depth_png
+from protodepth.errors import DataSetupError
 
 
 def small_cfg(root, **kw) -> DataConfig:
@@ -167,9 +168,9 @@ def test_cache_config_mismatch_and_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         build_datasets(missing, seed=0)
     # a damaged cache (cut short) is refused too
-    with open(os.path.join(cache_dir, "points.bin"), "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(ValueError, match="points.bin"):
+    with open(os.path.join(cache_dir, "points.npy"), "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(DataSetupError, match=r"points\.npy: unreadable"):
         open_cache(small_cfg(root, source="synthia", format="cache", cache_dir=cache_dir), root)
 
 
@@ -221,3 +222,26 @@ def test_persistent_workers_follow_set_epoch(tmp_path):
         for x, y in zip(got, want):
             assert torch.equal(x["cloud"], y["cloud"])
     assert not torch.equal(seen[0][0]["cloud"], seen[1][0]["cloud"])  # the draw did change with the epoch
+
+
+def test_cache_is_npy_files_and_an_old_version_is_named_or_rebuilt(tmp_path):
+    syn = small_cfg(tmp_path / "syn")
+    root = ensure_synthetic(syn, progress=False)
+    cache_dir = str(tmp_path / "cache")
+    m = build_cache(small_cfg(root, source="synthia"), root, cache_dir, progress=False)
+    images = np.load(os.path.join(cache_dir, "images.npy"))
+    points = np.load(os.path.join(cache_dir, "points.npy"))
+    offsets = np.load(os.path.join(cache_dir, "offsets.npy"))
+    assert images.shape == (8, 24, 32) and images.dtype == np.float32
+    assert points.shape == (m["num_points"], 3) and offsets[-1, -1] == m["num_points"]
+    # a cache of the previous format (version 2: raw .bin files) is named with one line for SYNTHIA...
+    man = os.path.join(cache_dir, "manifest.json")
+    old = json.loads(open(man).read())
+    old["version"] = 2
+    open(man, "w").write(json.dumps(old))
+    with pytest.raises(DataSetupError, match=r"cache version 2, this protodepth reads version 3; rebuild it"):
+        open_cache(small_cfg(root, source="synthia", format="cache", cache_dir=cache_dir), root)
+    # ...and rebuilt by itself for the synthetic source
+    cfg = small_cfg(tmp_path / "syn", format="cache", cache_dir=cache_dir)
+    cache = open_cache(cfg, root)
+    assert cache.manifest["version"] == 3 and cache.maps()["points"].shape == points.shape

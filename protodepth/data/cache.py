@@ -1,11 +1,13 @@
 """The preprocessed (cache) form of a depth dataset, built once by `scripts/prepare_data.py`.
 
 Layout of a cache folder:
-- `manifest.json`: format version, the config values it was built with (`DataConfig.cache_fields()`), the
-  frame list (path relative to the root, sequence), shapes and dtypes. Checked on every load.
-- `images.bin`: network inputs, raw (F, H, W) in `cache_dtype`, already at their final size.
-- `points.bin`: raw (P_total, 3) float32, every frame's valid points (or its per-bin pool) sorted by Z bin.
+- `manifest.json`: format version, the config values it was built with (`DataConfig.cache_fields()`) and the
+  frame list (path relative to the root, sequence). Checked on every load.
+- `images.npy`: network inputs (F, H, W) in `cache_dtype`, already at their final size.
+- `points.npy`: (P_total, 3) float32, every frame's valid points (or its per-bin pool) sorted by Z bin.
 - `offsets.npy`: (F, num_bins + 1) int64; bin b of frame i is points[offsets[i, b]:offsets[i, b + 1]].
+All three are plain NumPy files, written through `np.lib.format.open_memmap` and read with
+`np.load(mmap_mode="r")`, so their shapes and dtypes travel inside them.
 
 A sample then costs one image slice and one gather of the drawn point rows from memory-mapped files: no PNG
 decode, no resize, no back-projection. The point lists and the draw are those of the PNG path
@@ -25,14 +27,14 @@ from tqdm.auto import tqdm
 
 from protodepth.data.config import DataConfig
 from protodepth.data.dataset import DepthDataset, gray_to_rgb, scan_frames
-from protodepth.data.synthia import (BadFrameError, Frame, draw_indices, frame_key, list_frames, process_depth,
+from protodepth.data.synthia import (BadFrameError, Frame, check_png_header, draw_indices, frame_key, list_frames, process_depth,
                                      read_depth_png, sample_rng)
 from protodepth.data.synthetic import folder_lock, read_meta, replace_folder
 from protodepth.data.synthia import DataNotFoundError
 from protodepth.errors import DataSetupError
 
 CACHE_FORMAT = "protodepth-depth-cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: .npy arrays (2: raw .bin files with shapes in the manifest)
 MANIFEST = "manifest.json"
 
 
@@ -51,6 +53,60 @@ def _process_one(args):
         return None, None, None, str(e)
 
 
+def _point_bound(frames: list[Frame], cfg: DataConfig) -> int:
+    """An upper bound on the candidate points of `frames` (from the PNG headers): every pixel, or the pool cap."""
+    total = 0
+    for fr in frames:
+        h, w = check_png_header(fr.path)
+        total += min(h * w, cfg.num_bins * cfg.pool_per_bin) if cfg.pool_per_bin else h * w
+    return total
+
+
+def _shrink_npy(path: str, rows: int, chunk_rows: int = 1 << 22) -> None:
+    """Replace the .npy at `path` by its first `rows` rows (copied in chunks, never all in memory at once)."""
+    src = np.load(path, mmap_mode="r")
+    if src.shape[0] == rows:
+        return
+    part = path + ".part.npy"
+    dst = np.lib.format.open_memmap(part, mode="w+", dtype=src.dtype, shape=(rows,) + src.shape[1:])
+    for a in range(0, rows, chunk_rows):
+        b = min(rows, a + chunk_rows)
+        dst[a:b] = src[a:b]
+    dst.flush()
+    del src, dst
+    os.replace(part, path)
+
+
+def _write_frames(frames, results, cfg: DataConfig, tmp: str, progress: bool, desc: str):
+    """Stream processed frames into tmp/images.npy and tmp/points.npy (sized for every frame and the point
+    bound; cut to what was written afterwards). Returns (kept frames, offsets rows, skipped (rel, message))."""
+    h, w = cfg.height, cfg.width
+    images = np.lib.format.open_memmap(os.path.join(tmp, "images.npy"), mode="w+", dtype=np.dtype(cfg.cache_dtype),
+                                       shape=(len(frames), h, w))
+    # sized for the bound: pages never written stay holes in the file until it is cut to size below
+    points = np.lib.format.open_memmap(os.path.join(tmp, "points.npy"), mode="w+", dtype=np.float32,
+                                       shape=(max(1, _point_bound(frames, cfg)), 3))
+    kept, offsets, skipped, total = [], [], [], 0
+    bar = tqdm(results, total=len(frames), desc=desc, unit="frame", disable=not progress, dynamic_ncols=True)
+    for fr, (image, pts, counts, err) in zip(frames, bar):
+        if err is not None:
+            if not cfg.skip_bad_frames:
+                raise BadFrameError(f"{err}; set data.skip_bad_frames=true to leave such frames out")
+            skipped.append((fr.rel, err))
+            continue
+        images[len(kept)] = image[0]
+        points[total:total + len(pts)] = pts
+        offsets.append(total + np.concatenate([[0], np.cumsum(counts)]))
+        total += int(counts.sum())
+        kept.append(fr)
+    images.flush()
+    points.flush()
+    del images, points
+    _shrink_npy(os.path.join(tmp, "images.npy"), len(kept))
+    _shrink_npy(os.path.join(tmp, "points.npy"), total)
+    return kept, offsets, skipped
+
+
 def build_cache(cfg: DataConfig, root: str, out_dir: str, workers: int = 0, progress: bool = True,
                 source_meta: dict | None = None) -> dict:
     """Convert every depth PNG under `root` into a cache folder at `out_dir` (replaced atomically when done).
@@ -62,26 +118,12 @@ def build_cache(cfg: DataConfig, root: str, out_dir: str, workers: int = 0, prog
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    dtype = np.dtype(cfg.cache_dtype)
-    kept, offsets, skipped, total = [], [], [], 0
     pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 0 else None
     try:
         jobs = ((cfg, fr) for fr in frames)
         results = pool.imap(_process_one, jobs, chunksize=4) if pool else map(_process_one, jobs)
-        with open(os.path.join(tmp, "images.bin"), "wb") as fi, open(os.path.join(tmp, "points.bin"), "wb") as fp:
-            bar = tqdm(results, total=len(frames), desc=f"preparing {os.path.basename(out_dir)}", unit="frame",
-                       disable=not progress, dynamic_ncols=True)
-            for fr, (image, points, counts, err) in zip(frames, bar):
-                if err is not None:
-                    if not cfg.skip_bad_frames:
-                        raise BadFrameError(f"{err}; set data.skip_bad_frames=true to leave such frames out")
-                    skipped.append((fr.rel, err))
-                    continue
-                fi.write(np.ascontiguousarray(image[0], dtype=dtype).tobytes())
-                fp.write(np.ascontiguousarray(points, dtype=np.float32).tobytes())
-                offsets.append(total + np.concatenate([[0], np.cumsum(counts)]))
-                total += int(counts.sum())
-                kept.append(fr)
+        kept, offsets, skipped = _write_frames(frames, results, cfg, tmp, progress,
+                                               f"preparing {os.path.basename(out_dir)}")
         if not kept:
             raise BadFrameError(f"data.root {root}: no usable depth frame ({len(skipped)} bad, first: {skipped[0][1]})")
         if skipped:
@@ -90,8 +132,7 @@ def build_cache(cfg: DataConfig, root: str, out_dir: str, workers: int = 0, prog
         np.save(os.path.join(tmp, "offsets.npy"), np.stack(offsets).astype(np.int64))
         manifest = {
             "format": CACHE_FORMAT, "version": CACHE_VERSION, "config": cfg.cache_fields(), "root": root,
-            "image_shape": [cfg.height, cfg.width], "image_dtype": dtype.name, "num_points": total,
-            "frames": [{"rel": f.rel, "sequence": f.sequence} for f in kept],
+            "num_points": int(offsets[-1][-1]), "frames": [{"rel": f.rel, "sequence": f.sequence} for f in kept],
             "skipped": [r for r, _ in skipped], "source_meta": source_meta,
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -139,7 +180,9 @@ def check_manifest(m: dict, cfg: DataConfig, cache_dir: str) -> None:
 
 class DepthCache:
     """A cache folder opened for reading: frame list plus lazily opened memory maps (re-opened in each
-    process after pickling, so DataLoader workers never copy the arrays)."""
+    process after pickling, so DataLoader workers never copy the arrays).
+
+    Arrays: `images` (F, H, W) in cache_dtype, `points` (P, 3) float32, `offsets` (F, num_bins + 1) int64."""
 
     def __init__(self, cache_dir: str, cfg: DataConfig):
         self.cache_dir = cache_dir
@@ -149,22 +192,27 @@ class DepthCache:
         self.sequences = [f["sequence"] for f in m["frames"]]
         self.keys = [frame_key(r) for r in self.rels]
         self.root = m["root"]
-        self.offsets = np.load(os.path.join(cache_dir, "offsets.npy"))
-        h, w = m["image_shape"]
         n = len(self.rels)
-        if self.offsets.shape != (n, cfg.num_bins + 1):
-            raise DataSetupError(f"preprocessed data {cache_dir}/offsets.npy: shape {self.offsets.shape}, expected "
-                             f"{(n, cfg.num_bins + 1)}; the cache is damaged, rebuild it")
-        self._shapes = {"images.bin": ((n, h, w), np.dtype(m["image_dtype"])),
-                        "points.bin": ((m["num_points"], 3), np.dtype(np.float32))}
-        for name, (shape, dt) in self._shapes.items():
-            path = os.path.join(cache_dir, name)
-            want = int(np.prod(shape)) * dt.itemsize
-            have = os.path.getsize(path) if os.path.exists(path) else -1
-            if have != want:
-                raise DataSetupError(f"preprocessed data {path}: {have} bytes, expected {want}; the cache is incomplete "
-                                 "or damaged, rebuild it with scripts/prepare_data.py")
-        self._maps: dict | None = None
+        self.offsets = self._open("offsets", None, (n, cfg.num_bins + 1), np.int64)
+        self._want = {"images": ((n, cfg.height, cfg.width), np.dtype(cfg.cache_dtype)),
+                      "points": ((int(self.offsets[-1, -1]) if n else 0, 3), np.dtype(np.float32))}
+        self._maps = None
+        self.maps()  # checks shapes and dtypes now, in the process that opens the cache
+
+    def _open(self, name: str, mmap_mode, shape: tuple, dtype) -> np.ndarray:
+        path = os.path.join(self.cache_dir, f"{name}.npy")
+        try:
+            a = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        except FileNotFoundError:
+            raise DataSetupError(f"preprocessed data {path}: missing; the cache is incomplete, rebuild it with "
+                                 "scripts/prepare_data.py") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise DataSetupError(f"preprocessed data {path}: unreadable ({e}); the cache is incomplete or damaged, "
+                                 "rebuild it with scripts/prepare_data.py") from None
+        if a.shape != shape or a.dtype != dtype:
+            raise DataSetupError(f"preprocessed data {path}: {a.dtype} {a.shape}, expected {np.dtype(dtype)} {shape}; "
+                                 "the cache is damaged, rebuild it with scripts/prepare_data.py")
+        return a
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -172,11 +220,15 @@ class DepthCache:
         return state
 
     def maps(self) -> dict:
+        """{"images": (F, H, W), "points": (P, 3)} read-only memory maps of this process."""
         if self._maps is None:
-            self._maps = {name.split(".")[0]: np.memmap(os.path.join(self.cache_dir, name), dtype=dt, mode="r",
-                                                        shape=shape)
-                          for name, (shape, dt) in self._shapes.items()}
+            self._maps = {name: self._open(name, "r", shape, dt) for name, (shape, dt) in self._want.items()}
         return self._maps
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of images + points + offsets (what moving the whole cache to a device costs)."""
+        return sum(int(np.prod(s)) * dt.itemsize for s, dt in self._want.values()) + self.offsets.nbytes
 
 
 class CachedDepthDataset(DepthDataset):
@@ -217,7 +269,7 @@ def open_cache(cfg: DataConfig, root: str, progress: bool = True) -> DepthCache:
                 m = read_manifest(cache_dir)
                 check_manifest(m, cfg, cache_dir)
                 return m.get("source_meta") == meta
-            except (FileNotFoundError, ValueError):
+            except DataSetupError:
                 return False
         if not usable():
             with folder_lock(cache_dir):

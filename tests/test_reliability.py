@@ -2,8 +2,11 @@
 unwritable disks. (Kill-and-resume: test_kill_resume.py; dead ranks: test_faults_distributed.py; the table of
 user errors: test_errors_table.py / docs/errors.md.)"""
 import errno
+import hashlib
 import json
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -21,6 +24,7 @@ def make_checkpoint(root: Path, step: int, limit: int = 10) -> Path:
     (tmp / "sub").mkdir(parents=True)
     (tmp / "model.safetensors").write_bytes(bytes(range(256)) * (step + 1))
     (tmp / "sub" / "optimizer.bin").write_bytes(b"x" * 100)
+    (tmp / "random_states_0.pkl").write_bytes(pickle.dumps({"step": step}))
     return ckpt.commit(root, step, limit)
 
 
@@ -39,6 +43,12 @@ def break_checkpoint(folder: Path, how: str) -> str:
     if how == "garbage_manifest":
         (folder / ckpt.MANIFEST).write_text("{not json")
         return "MANIFEST.json is unreadable"
+    if how.startswith("same_size_"):  # random bytes of the same length: only the content hash can tell
+        rel = {"weights": "model.safetensors", "optimizer": "sub/optimizer.bin", "pickle": "random_states_0.pkl"}[
+            how.removeprefix("same_size_")]
+        f = folder / rel
+        f.write_bytes(os.urandom(f.stat().st_size))
+        return f"{f.name} does not match its manifest (corrupt"
     if how == "wrong_step":
         m = json.loads((folder / ckpt.MANIFEST).read_text())
         m["step"] += 1
@@ -53,11 +63,16 @@ def test_commit_seals_a_complete_checkpoint_and_keeps_the_newest(tmp_path):
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["checkpoint-00000003", "checkpoint-00000004"]
     assert not list(tmp_path.glob(".tmp-*"))
     man = json.loads((tmp_path / "checkpoint-00000004" / ckpt.MANIFEST).read_text())
-    assert man == {"step": 4, "files": {"model.safetensors": 256 * 5, "sub/optimizer.bin": 100}}
+    assert man["step"] == 4
+    sizes = {rel: e["size"] for rel, e in man["files"].items()}
+    assert sizes == {"model.safetensors": 256 * 5, "sub/optimizer.bin": 100,
+                     "random_states_0.pkl": len(pickle.dumps({"step": 4}))}
+    assert man["files"]["sub/optimizer.bin"]["sha256"] == hashlib.sha256(b"x" * 100).hexdigest()
     assert ckpt.verify(tmp_path / "checkpoint-00000004") is None
 
 
-@pytest.mark.parametrize("how", ["no_manifest", "truncated", "missing_file", "garbage_manifest", "wrong_step"])
+@pytest.mark.parametrize("how", ["no_manifest", "truncated", "missing_file", "garbage_manifest", "wrong_step",
+                                 "same_size_weights", "same_size_optimizer", "same_size_pickle"])
 def test_latest_skips_a_broken_checkpoint_with_a_warning_naming_the_problem(tmp_path, how):
     for step in (1, 2, 3):
         make_checkpoint(tmp_path, step)
@@ -67,7 +82,7 @@ def test_latest_skips_a_broken_checkpoint_with_a_warning_naming_the_problem(tmp_
     assert found == tmp_path / "checkpoint-00000002"
     assert len(rec) == 1 and fragment in str(rec[0].message) and "checkpoint-00000003" in str(rec[0].message)
     # an explicit path to the broken one is an error, not a silent fallback
-    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint-00000003 is incomplete: .*{fragment}"):
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint-00000003 is broken: .*{re.escape(fragment)}"):
         ckpt.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-00000003"))
 
 
@@ -103,7 +118,7 @@ def test_explicit_resume_paths(tmp_path):
     half = ckpt.temp_dir(tmp_path, 6)
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"1234")
-    with pytest.raises(ckpt.CheckpointError, match="incomplete: .*MANIFEST.json is missing"):
+    with pytest.raises(ckpt.CheckpointError, match="is broken: .*MANIFEST.json is missing"):
         ckpt.find_resume_checkpoint(tmp_path, str(half))
 
 
@@ -126,6 +141,141 @@ def test_commit_of_an_empty_temp_folder_is_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="wrote no files"):
         ckpt.commit(tmp_path, 1, 3)
     assert ckpt.checkpoint_dirs(tmp_path) == []
+
+
+def test_a_manifest_of_sizes_only_from_an_older_version_still_verifies_by_size(tmp_path):
+    folder = make_checkpoint(tmp_path, 1)
+    man = json.loads((folder / ckpt.MANIFEST).read_text())
+    man["files"] = {rel: e["size"] for rel, e in man["files"].items()}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(man))
+    assert ckpt.verify(folder) is None
+    break_checkpoint(folder, "truncated")
+    assert "has 100 bytes" in ckpt.verify(folder)
+
+
+def test_resume_naming_a_file_says_it_is_a_file(tmp_path):
+    folder = make_checkpoint(tmp_path, 1)
+    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(folder / 'model.safetensors'))} is a file; pass "
+                                                   f"a checkpoint folder \\(the one holding it: {re.escape(str(folder))}"):
+        ckpt.find_resume_checkpoint(tmp_path, str(folder / "model.safetensors"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ckpt.CheckpointError, match=r"afile is a file; pass a checkpoint folder \(checkpoint-XXXXXXXX"):
+        ckpt.find_resume_checkpoint(tmp_path, str(tmp_path / "afile"))
+
+
+@pytest.fixture
+def forget_broken():
+    """find_resume_checkpoint remembers the folders it found broken for the process's retention; tests start clean."""
+    ckpt._known_broken.clear()
+    yield
+    ckpt._known_broken.clear()
+
+
+@pytest.mark.usefixtures("forget_broken")
+@pytest.mark.parametrize("how", ["truncated", "same_size_weights"])
+def test_retention_after_a_fallback_past_a_broken_newest_keeps_the_good_one(tmp_path, how):
+    # checkpoints every 2 steps, limit 1 kept: 2 good, 4 broken; the resume falls back to 2 and saves step 3
+    for step in (2, 4):
+        make_checkpoint(tmp_path, step, limit=2)
+    break_checkpoint(tmp_path / "checkpoint-00000004", how)
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        assert ckpt.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-00000002"
+    make_checkpoint(tmp_path, 3, limit=2)  # 3 entries, 1 too many: the broken one goes, not the fallback
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000003"]
+    make_checkpoint(tmp_path, 4, limit=1)  # step 4 written anew; only it is kept
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["checkpoint-00000004"]
+    assert ckpt.verify(tmp_path / "checkpoint-00000004") is None
+
+
+@pytest.mark.usefixtures("forget_broken")
+def test_retention_deletes_broken_checkpoints_before_older_complete_ones(tmp_path):
+    for step in (1, 2, 3):
+        make_checkpoint(tmp_path, step, limit=5)
+    break_checkpoint(tmp_path / "checkpoint-00000002", "missing_file")  # found by size alone, no resume needed
+    make_checkpoint(tmp_path, 4, limit=3)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == [f"checkpoint-0000000{i}" for i in (1, 3, 4)]
+
+
+def test_a_kill_during_retention_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    for step in (1, 2):
+        make_checkpoint(tmp_path, step, limit=5)
+    real = shutil.rmtree
+
+    def killed_midway(path, *a, **k):  # deletes one file, then the process "dies"
+        if not Path(path).exists():
+            return real(path, *a, **k)
+        next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.remove_checkpoint(tmp_path / "checkpoint-00000001")
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert ckpt.checkpoint_dirs(tmp_path) == [tmp_path / "checkpoint-00000002"]  # never a half-deleted checkpoint-*
+    leftover = tmp_path / ".deleting-checkpoint-00000001"
+    assert leftover.is_dir() and ckpt.clean_stale_temps(tmp_path) == [leftover] and not leftover.exists()
+
+
+def _os_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
+    import shutil
+
+    usage = {"free": 0}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, usage["free"]))
+    assert ckpt.describe_write_error(_os_error(errno.ENOSPC), tmp_path) == f"the disk holding {tmp_path} is full (0 MiB free)"
+    # torch's zip writer says neither ENOSPC nor "full": with no room left that is what it means
+    torch_says = RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                              "data/3: file write failed\nunexpected pos 1234 vs 1100")
+    assert ckpt.describe_write_error(torch_says, tmp_path) == f"the disk holding {tmp_path} is full (0 MiB free)"
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = _os_error(errno.ENOSPC)
+    assert "is full" in ckpt.describe_write_error(wrapped, tmp_path)
+    # the same torch message with room to spare is something else: say what it said
+    usage["free"] = 5 << 30
+    said = ckpt.describe_write_error(torch_says, tmp_path)
+    assert "is full" not in said and "unexpected pos" in said and said.endswith("; 5120 MiB free there")
+    assert "\n" not in said
+    assert ckpt.describe_write_error(_os_error(errno.EACCES), tmp_path / "nope" / "deeper") == \
+        "Permission denied; 5120 MiB free there"
+
+
+def _saved_config(folder: Path, **model) -> None:
+    import yaml
+
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": model, "train": {"max_steps": 3}}))
+
+
+def test_a_checkpoint_of_another_model_shape_is_named_before_loading(tmp_path):
+    from protodepth.config import ModelConfig
+
+    _saved_config(tmp_path, num_slots=8, num_prototypes=8, ico_level=2)
+    ckpt.check_compatible(tmp_path, {"num_slots": 8, "num_prototypes": 8, "ico_level": 2, "weights": "x"})
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+            f"checkpoint {tmp_path} was trained with model.num_slots=8, model.ico_level=2, the config says "
+            "model.num_slots=4, model.ico_level=3; resume it with model.num_slots=8 model.ico_level=2, or start a "
+            "new run in another train.output_dir")):
+        ckpt.check_compatible(tmp_path, ModelConfig(num_slots=4, num_prototypes=8, ico_level=3))
+    (tmp_path / "config.yaml").unlink()
+    ckpt.check_compatible(tmp_path, {"num_slots": 1})  # nothing saved to compare with: not checked
+
+
+def test_nonfinite_loaded_weights_are_named(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ckpt.check_finite_state(net)
+    with torch.no_grad():
+        net[1].running_var[1] = float("inf")
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {re.escape(str(tmp_path))}: the model's "
+                                                   r"1.running_var holds NaN or inf values"):
+        ckpt.check_finite_state(net, tmp_path)
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.CheckpointError, match=r"the loaded checkpoint: the model's 0.weight holds NaN"):
+        ckpt.check_finite_state(net)
 
 
 # ------------------------------------------------------------------------------------- through train()
@@ -292,7 +442,8 @@ def test_a_failing_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monke
     with pytest.raises(ckpt.CheckpointError) as e:
         run_train(tmp_path, **{"train.max_steps": 3, "train.ckpt_every": 1})
     msg = str(e.value)
-    assert "checkpoint of step 2" in msg and "No space left on device" in msg and "checkpoint-00000001" in msg, msg
+    assert "checkpoint of step 2" in msg and "checkpoint-00000001" in msg, msg
+    assert f"the disk holding {tmp_path / 'run' / 'checkpoints'} is full (" in msg, msg  # ENOSPC named as a full disk
     root = tmp_path / "run" / "checkpoints"
     assert steps_saved(tmp_path / "run") == [1] and not list(root.glob(".tmp-*"))
 

@@ -3,7 +3,7 @@
 Padding rules (PyTorch3D 0.7.9, both its CPU and CUDA kernels, which fill outputs with zeros first):
 - neighbour slots k >= lengths2[n] (fewer than K valid points in p2): dists 0 and idx 0;
 - padded queries i >= lengths1[n]: every slot has dists 0 and idx 0;
-- with return_sorted and K > 1 the valid slots come first, ascending; padded slots stay last.
+- the valid slots come first, ascending (whatever return_sorted says); padded slots stay last.
 Gradients never flow into padded slots or padded queries.
 
 Precision rule: float16/bfloat16 inputs are accepted (PyTorch3D refuses them); distances are
@@ -296,7 +296,7 @@ def _exact_dists(p1: torch.Tensor, p2: torch.Tensor, idx: torch.Tensor, norm: in
     return (diff * diff).sum(-1) if norm == 2 else diff.abs().sum(-1)
 
 
-def _knn_forward(p1, p2, lengths1, lengths2, K: int, norm: int, return_sorted: bool):
+def _knn_forward(p1, p2, lengths1, lengths2, K: int, norm: int):
     """-> (dists (N, P1, K) in the compute dtype, idx (N, P1, K) int64) with PyTorch3D padding."""
     n, P1, _ = p1.shape
     ct = _compute_dtype(p1.dtype)
@@ -310,8 +310,8 @@ def _knn_forward(p1, p2, lengths1, lengths2, K: int, norm: int, return_sorted: b
     dists = _exact_dists(a, b, idx, norm)
     if K > 1:
         # blocks merge with unsorted top-K, and where lengths2 < K some slots hold padded
-        # candidates: sort by exact distance with those last. Sorting even when return_sorted is
-        # False keeps the padding rule (valid neighbours in the first lengths2 slots) simple.
+        # candidates: sort by exact distance with those last (always sorted, so the padding rule,
+        # valid neighbours in the first lengths2 slots, holds whatever return_sorted asks).
         dists, order = dists.masked_fill(invalid, float("inf")).sort(dim=2, stable=True)
         idx = idx.gather(2, order)
     ks = torch.arange(K, device=p1.device)
@@ -324,10 +324,10 @@ def _knn_forward(p1, p2, lengths1, lengths2, K: int, norm: int, return_sorted: b
 
 class _KnnPointsTorch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p1, p2, lengths1, lengths2, K, norm, return_sorted):
+    def forward(ctx, p1, p2, lengths1, lengths2, K, norm):
         # autocast would run the ranking matmul in bf16/fp16, far too coarse to rank neighbours
         with torch.autocast(device_type=p1.device.type, enabled=False):
-            dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, return_sorted)
+            dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm)
         ctx.save_for_backward(p1, p2, lengths1, lengths2, idx)
         ctx.norm = norm
         ctx.mark_non_differentiable(idx)
@@ -362,13 +362,13 @@ class _KnnPointsTorch(torch.autograd.Function):
             grad_p2 = torch.zeros(b.shape, dtype=ct, device=b.device)
             grad_p2.scatter_add_(1, idx.reshape(n, P1 * K, 1).expand(-1, -1, D), -contrib.reshape(n, P1 * K, D))
             grad_p2 = grad_p2.to(p2.dtype)
-        return grad_p1, grad_p2, None, None, None, None, None
+        return grad_p1, grad_p2, None, None, None, None
 
 
-def _knn_points_torch(p1, p2, lengths1, lengths2, K: int, norm: int, return_sorted: bool):
+def _knn_points_torch(p1, p2, lengths1, lengths2, K: int, norm: int):
     """Blocked PyTorch KNN: p1 (N, P1, D), p2 (N, P2, D), lengths int64 (N,) filled ->
     (dists (N, P1, K), idx (N, P1, K) int64); differentiable in p1 and p2 through the chosen idx."""
-    return _KnnPointsTorch.apply(p1, p2, lengths1, lengths2, K, norm, return_sorted)
+    return _KnnPointsTorch.apply(p1, p2, lengths1, lengths2, K, norm)
 
 
 def knn_points(
@@ -389,8 +389,8 @@ def knn_points(
         lengths1, lengths2: int (N,) valid points per cloud (None: all), values in [0, P1] / [0, P2].
         norm: 2 for squared Euclidean distances, 1 for L1 (sum of absolute differences).
         K: neighbours per query (>= 1). version: accepted for PyTorch3D compatibility, ignored.
-        return_nn: also gather the neighbours' coordinates. return_sorted: ascending distances
-            when K > 1 (False allows any order of the K neighbours).
+        return_nn: also gather the neighbours' coordinates. return_sorted: accepted for PyTorch3D
+            compatibility; the neighbours always come in ascending distance (also a valid answer to False).
     Returns:
         KNN(dists (N, P1, K), idx (N, P1, K) int64, knn (N, P1, K, D) or None). Padding as in the
         module docstring (zeros); dists are float32 for half inputs. Differentiable in p1 and p2.
@@ -411,9 +411,9 @@ def knn_points(
     if p1.is_cuda and _use_triton():
         from .knn_triton import knn_points_triton
 
-        dists, idx = knn_points_triton(p1, p2, lengths1, lengths2, K, norm, return_sorted)
+        dists, idx = knn_points_triton(p1, p2, lengths1, lengths2, K, norm)
     else:
-        dists, idx = _knn_points_torch(p1, p2, lengths1, lengths2, K, norm, return_sorted)
+        dists, idx = _knn_points_torch(p1, p2, lengths1, lengths2, K, norm)
     nn = knn_gather(p2, idx, lengths2) if return_nn else None
     return KNN(dists=dists, idx=idx, knn=nn)
 

@@ -39,7 +39,7 @@ except Exception as exc:  # pragma: no cover - depends on the install
     tl = None
     _TRITON_ERROR = exc
 
-__all__ = ["knn_points_triton", "triton_available", "MAX_K", "MAX_D"]
+__all__ = ["knn_points_triton", "MAX_K", "MAX_D"]
 
 MAX_K = 128  # running top-K lives in registers: (BLOCK_Q, next_pow2(K)) per program
 MAX_D = 16
@@ -47,11 +47,6 @@ MAX_D = 16
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    """True when triton imports; kernels then run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
-    return triton is not None
 
 
 if triton is not None:
@@ -945,7 +940,6 @@ def knn_points_triton(
     lengths2: torch.Tensor | None = None,
     K: int = 1,
     norm: int = 2,
-    return_sorted: bool = True,
     *,
     block_q: int | None = None,
     block_c: int | None = None,
@@ -962,13 +956,11 @@ def knn_points_triton(
         lengths2: (N,) int64 valid candidates per cloud (None: all P2); clamped to [0, P2].
         K: neighbours per query >= 1; K > 128 or D > 16 go to knn.py's blocked torch path.
         norm: 2 for squared Euclidean distances, 1 for L1.
-        return_sorted: accepted for API parity; results are always ascending in (dist, idx), which is also a valid
-            answer when unsorted output is requested.
         block_q, block_c, splits, num_warps: tiling overrides for tests and benchmarks (None: heuristics).
         spatial_sort: search Morton-sorted copies and skip candidate tiles whose bounding box is farther than every
             query's current K-th distance (exact; None: on when P2 >= 8 candidate tiles).
 
-    Returns:
+    Returns (always ascending in (dist, idx)):
         dists: (N, P1, K) float32 (float64 for fp64 inputs; fp16/bf16 inputs are accumulated and returned in fp32),
             differentiable w.r.t. p1 and p2 with a deterministic backward.
         idx: (N, P1, K) int64 indices into p2. Padded queries (i >= lengths1[n]) and slots k >= lengths2[n] hold
@@ -986,7 +978,7 @@ def knn_points_triton(
         # beyond the register budget of one program: the blocked torch path gives the same answer
         from .knn import _knn_points_torch
 
-        return _knn_points_torch(p1, p2, lengths1, lengths2, K, norm, return_sorted)
+        return _knn_points_torch(p1, p2, lengths1, lengths2, K, norm)
     _check_inputs(p1, p2, lengths1, lengths2, K, norm)
     # the kernels read int32/int64 lengths on the device and clamp them; anything else costs a conversion launch
     if lengths1.device != p1.device or lengths1.dtype not in (torch.int32, torch.int64):

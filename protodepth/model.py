@@ -66,25 +66,52 @@ def build_backbone(weights: str) -> nn.Module:
             ) from None
         trunk.load_state_dict(state)
     elif weights != "none":
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsError(f"model.weights: file {path} not found (expected 'none', 'imagenet' or a .pth path)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise WeightsError(f"model.weights: {path} is not a readable torch state_dict ({e.__class__.__name__})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = trunk.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise WeightsError(
-                f"model.weights: {path} does not hold ResNet-50 weights "
-                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
-            )
+        trunk.load_state_dict(_read_resnet50_state(Path(weights), trunk), strict=False)
     trunk.fc = nn.Identity()
     return trunk
+
+
+def _read_resnet50_state(path: Path, trunk: nn.Module) -> dict:
+    """The ResNet-50 trunk weights in the file at `path` (without the classifier), checked against `trunk`'s
+    names and shapes: anything else (a list, another network, int keys, wrong shapes) is a WeightsError naming
+    the file and what is wrong, instead of a traceback from inside `load_state_dict`."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise WeightsError(f"model.weights: file {path} {what} (expected 'none', 'imagenet' or a .pth path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"model.weights: {path} is not a readable torch state_dict ({e.__class__.__name__})") from None
+    for wrapper in ("state_dict", "model"):  # training scripts often save {"state_dict": ..., "epoch": ...}
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise WeightsError(f"model.weights: {path} holds a {type(state).__name__}, not a state_dict (a mapping of "
+                           "parameter names to tensors)")
+    bad_key = next((k for k in state if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise WeightsError(f"model.weights: {path} is not a state_dict: its keys must be parameter names, found "
+                           f"{bad_key!r} ({type(bad_key).__name__})")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    want = {k: v for k, v in trunk.state_dict().items() if not k.startswith("fc.")}
+    if "layer1.0.conv3.weight" not in state and "layer1.0.conv2.weight" in state:
+        raise WeightsError(f"model.weights: {path} holds a ResNet with basic blocks (ResNet-18 or -34, no conv3); "
+                           "protodepth's backbone is a ResNet-50")
+    # BatchNorm's step counters are absent from some exports and unused in training: not required
+    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in want]
+    if missing or unexpected:
+        raise WeightsError(
+            f"model.weights: {path} does not hold ResNet-50 weights "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
+        )
+    for k, v in state.items():
+        if not torch.is_tensor(v):
+            raise WeightsError(f"model.weights: {path}: {k} is a {type(v).__name__}, not a tensor")
+        if v.shape != want[k].shape:
+            raise WeightsError(f"model.weights: {path}: {k} has shape {tuple(v.shape)}, ResNet-50 needs "
+                               f"{tuple(want[k].shape)}")
+    return state
 
 
 class ProtoDepth(nn.Module):
@@ -103,14 +130,6 @@ class ProtoDepth(nn.Module):
         self.register_buffer("sphere", verts.clone(), persistent=False)
         self.register_buffer("faces", faces.clone(), persistent=False)
         self.offsets = nn.Parameter(torch.zeros(P, verts.shape[0], 3))
-
-    @property
-    def num_slots(self) -> int:
-        return self.cfg.num_slots
-
-    @property
-    def num_prototypes(self) -> int:
-        return self.cfg.num_prototypes
 
     def prototypes(self) -> torch.Tensor:
         """(P, V, 3): the learned prototype meshes, sphere plus offsets."""
@@ -165,20 +184,3 @@ def pose_slots(params: SlotParams, prototypes: torch.Tensor) -> torch.Tensor:
     t = (weights[..., None] * trans).sum(dim=2)  # (B, K, 3)
     return verts + t[:, :, None, :]
 
-
-def pose_slots_loop(params: SlotParams, prototypes: torch.Tensor) -> torch.Tensor:
-    """The original's per-slot, per-prototype loop; kept as the reference `pose_slots` is tested against."""
-    scale, trans, euler, weights = params
-    B, K, P, _ = trans.shape
-    out = []
-    for b in range(B):
-        slots = []
-        for k in range(K):
-            acc = torch.zeros_like(prototypes[0])
-            for p in range(P):
-                R = euler_angles_to_matrix(euler[b, k, p], "XYZ")
-                v = (prototypes[p] @ R.T) * scale[b, k] + trans[b, k, p]
-                acc = acc + weights[b, k, p] * v
-            slots.append(acc)
-        out.append(torch.stack(slots))
-    return torch.stack(out)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from protodepth.config import ModelConfig
-from protodepth.model import ProtoDepth, SlotParams, WeightsError, build_backbone, pose_slots, pose_slots_loop
+from protodepth.model import ProtoDepth, SlotParams, WeightsError, build_backbone, pose_slots
+from reference_posing import pose_slots_loop
 
 
 def random_params(B, K, P, dtype=torch.float64, seed=0):
@@ -77,6 +78,53 @@ def test_missing_or_wrong_weights_file_is_a_clear_error(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a readable"):
         build_backbone(str(junk))
+
+
+def _resnet50_state() -> dict:
+    import torchvision
+
+    return {k: v for k, v in torchvision.models.resnet50(weights=None).state_dict().items()}
+
+
+def _wrong_shape(state: dict) -> dict:
+    state = dict(state)
+    state["layer2.0.conv1.weight"] = torch.zeros(3, 3)
+    return state
+
+
+@pytest.mark.parametrize("content, needle", [
+    (lambda: [torch.zeros(3)], r"holds a list, not a state_dict \(a mapping of parameter names to tensors\)"),
+    (lambda: {0: torch.zeros(3), 1: torch.zeros(3)}, r"is not a state_dict: its keys must be parameter names, found 0"),
+    (lambda: __import__("torchvision").models.resnet18(weights=None).state_dict(),
+     r"holds a ResNet with basic blocks \(ResNet-18 or -34, no conv3\); protodepth's backbone is a ResNet-50"),
+    (lambda: _wrong_shape(_resnet50_state()), r"layer2.0.conv1.weight has shape \(3, 3\), ResNet-50 needs "
+                                              r"\(128, 256, 1, 1\)"),
+    (lambda: {**_resnet50_state(), "conv1.weight": [1.0]}, r"conv1.weight is a list, not a tensor"),
+])
+def test_a_weights_file_that_is_not_a_resnet50_state_dict_names_file_and_problem(tmp_path, content, needle):
+    path = tmp_path / "w.pth"
+    torch.save(content(), path)
+    with pytest.raises(WeightsError, match=rf"^model.weights: {tmp_path}/w.pth:? {needle}"):
+        build_backbone(str(path))
+
+
+def test_a_wrapped_or_ddp_prefixed_resnet50_state_dict_loads(tmp_path):
+    state = _resnet50_state()
+    wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items() if "num_batches" not in k}}
+    torch.save(wrapped, tmp_path / "w.pth")
+    loaded = build_backbone(str(tmp_path / "w.pth")).state_dict()
+    assert torch.equal(loaded["layer4.2.conv3.weight"], state["layer4.2.conv3.weight"])
+
+
+def test_a_weights_path_naming_a_folder_says_so(tmp_path):
+    with pytest.raises(WeightsError, match="is a folder, not a file"):
+        build_backbone(str(tmp_path))
+
+
+def test_the_model_exposes_its_sizes_only_through_its_config():
+    model = ProtoDepth(ModelConfig(num_slots=2, num_prototypes=3, ico_level=0, channels_last=False))
+    assert (model.cfg.num_slots, model.cfg.num_prototypes) == (2, 3)
+    assert not hasattr(model, "num_slots") and not hasattr(model, "num_prototypes")
 
 
 def test_imagenet_weights_without_network_is_a_clear_error(monkeypatch):

@@ -42,7 +42,7 @@ def test_ico_sphere_returns_copies_and_checks_level():
     f1.zero_()
     v2, f2 = ico_sphere(1, device="cpu")
     assert v2.abs().sum() > 0 and f2.max() == 41
-    for bad in (-1, 1.5, True, 9):
+    for bad in (-1, 1.5, True, 11):
         with pytest.raises(ValueError, match="level"):
             ico_sphere(bad)
 

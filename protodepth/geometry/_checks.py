@@ -1,7 +1,9 @@
 """Shared input validation for the geometry ops.
 
 Every check raises one `ValueError` that names the argument and says what was expected, so a caller
-sees "p2: expected shape (N, P2, 3) ..." instead of an indexing error deep inside an op.
+sees "p2: expected shape (N, P2, 3) ..." instead of an indexing error deep inside an op. Where
+PyTorch3D's own tests match an error's text ("Support for 1 or 2 norm.", "batch_reduction must be one
+of", "Expected lengths to be of shape"...), the message contains PyTorch3D's words too.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def fill_lengths(name: str, lengths, n: int, p: int, device: torch.device) -> to
     if not torch.is_tensor(lengths):
         raise ValueError(f"{name}: expected an integer tensor of shape ({n},) or None, got {type(lengths).__name__}")
     if lengths.dim() != 1 or lengths.shape[0] != n:
-        raise ValueError(f"{name}: expected shape ({n},) (one length per batch element), got {tuple(lengths.shape)}")
+        raise ValueError(f"{name}: Expected lengths to be of shape (N,) = ({n},) (one length per batch element), "
+                         f"got {tuple(lengths.shape)}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor, got dtype {lengths.dtype}")
     if lengths.device != device:
@@ -69,17 +72,27 @@ def fill_lengths(name: str, lengths, n: int, p: int, device: torch.device) -> to
 
 
 def check_reduction(name: str, value, allowed: tuple) -> None:
+    """value must be one of `allowed` (strings, and None when allowed)."""
     if value not in allowed:
-        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+        names = ", ".join(f'"{a}"' for a in allowed if a is not None)
+        tail = " or None" if None in allowed else ""
+        raise ValueError(f"{name} must be one of [{names}]{tail}, got {value!r}")
 
 
 def check_norm(norm) -> None:
     if norm not in (1, 2) or isinstance(norm, bool):
-        raise ValueError(f"norm: expected 1 (L1) or 2 (squared L2), got {norm!r}")
+        raise ValueError(f"norm: Support for 1 or 2 norm. Expected 1 (L1) or 2 (squared L2), got {norm!r}")
+
+
+def mesh_is_empty(verts: torch.Tensor, faces: torch.Tensor) -> bool:
+    """PyTorch3D's `Meshes.isempty()` for a validated batch: no mesh at all, or no face in any mesh."""
+    return verts.shape[0] == 0 or faces.shape[-2] == 0
 
 
 def check_mesh(verts, faces, check_index_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a batch of meshes: verts (M, V, 3) float, faces (F, 3) shared or (M, F, 3) int64.
+
+    An empty batch (M = 0 or F = 0) passes: each op says what it makes of it (`mesh_is_empty`).
 
     Index range checking costs one device sync; the topology caches call it once per faces tensor. It is
     skipped in capture_mode and under torch.compile (no host reads there).
@@ -95,8 +108,6 @@ def check_mesh(verts, faces, check_index_range: bool = True) -> tuple[torch.Tens
         raise ValueError(f"faces: batch size {faces.shape[0]} does not match verts' batch size {verts.shape[0]}")
     if faces.device != verts.device:
         raise ValueError(f"faces: expected a tensor on {verts.device} (verts' device), got one on {faces.device}")
-    if faces.shape[-2] == 0:
-        raise ValueError("faces: expected at least one face, got F = 0")
     if check_index_range and faces.numel() > 0 and host_reads_allowed():
         lo, hi = int(faces.min()), int(faces.max())
         if lo < 0 or hi >= verts.shape[1]:

@@ -19,6 +19,16 @@ from ._mode import host_reads_allowed
 from .knn import knn_gather, knn_points
 
 
+def _check_cloud(name: str, x, shape_doc: str) -> None:
+    """A padded cloud (N, P, D), worded as PyTorch3D where its tests match the text."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape {shape_doc} (PyTorch3D also takes Pointclouds "
+                         f"objects or torch.Tensor; protodepth takes tensors), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name}: Expected points to be of shape {shape_doc}, got shape {tuple(x.shape)}")
+    check_points(name, x, shape_doc)
+
+
 def _validate_reductions(batch_reduction, point_reduction) -> None:
     check_reduction("batch_reduction", batch_reduction, ("mean", "sum", None))
     check_reduction("point_reduction", point_reduction, ("mean", "sum", "max", None))
@@ -118,8 +128,8 @@ def chamfer_distance(
     check_norm(norm)
     if point_reduction == "max" and (x_normals is not None or y_normals is not None):
         raise ValueError('x_normals, y_normals: must be None when point_reduction is "max"')
-    check_points("x", x, "(N, P1, D)")
-    check_points("y", y, "(N, P2, D)")
+    _check_cloud("x", x, "(N, P1, D)")
+    _check_cloud("y", y, "(N, P2, D)")
     if y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
         raise ValueError(f"y: expected shape ({x.shape[0]}, P2, {x.shape[2]}) to match x {tuple(x.shape)}, got {tuple(y.shape)}")
     n = x.shape[0]
@@ -127,9 +137,11 @@ def chamfer_distance(
     y_lengths = fill_lengths("y_lengths", y_lengths, n, y.shape[1], x.device)
     for name, nrm, pts in (("x_normals", x_normals, x), ("y_normals", y_normals, y)):
         if nrm is not None:
+            shape = tuple(nrm.shape) if torch.is_tensor(nrm) else type(nrm).__name__
+            if not torch.is_tensor(nrm) or nrm.shape != pts.shape:
+                raise ValueError(f"{name}: Expected normals to be of shape (N, P, D) = {tuple(pts.shape)}, its "
+                                 f"points' shape, got {shape}")
             check_points(name, nrm, "(N, P, D)")
-            if nrm.shape != pts.shape:
-                raise ValueError(f"{name}: expected the shape of its points {tuple(pts.shape)}, got {tuple(nrm.shape)}")
     if weights is not None:
         if not torch.is_tensor(weights) or weights.shape != (n,):
             shape = tuple(weights.shape) if torch.is_tensor(weights) else type(weights).__name__

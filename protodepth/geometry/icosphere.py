@@ -35,6 +35,11 @@ _ICO_FACES0 = [
 ]
 
 _CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+# levels up to this one are kept once built (level 6: 41k vertices, 2 MiB); larger ones are rebuilt
+_CACHE_MAX_LEVEL = 6
+# PyTorch3D has no upper bound; level 10 (10.5M vertices, 21M faces: 0.6 GB, about 3 GB while building) is the
+# largest protodepth builds, each further level costs four times that
+MAX_LEVEL = 10
 
 
 def subdivide(verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,17 +73,23 @@ def ico_sphere(level: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]
     """Unit icosphere of subdivision `level`, vertex and face order identical to PyTorch3D 0.7.9.
 
     Returns (verts (V, 3) float32, faces (F, 3) int64) with V = 10 * 4**level + 2, F = 20 * 4**level,
-    faces oriented outwards (counter-clockwise seen from outside). Built once per (level, device) and
-    cached; each call returns fresh copies, so callers may modify them in place.
+    faces oriented outwards (counter-clockwise seen from outside). Levels 0 to MAX_LEVEL (10); PyTorch3D
+    sets no bound, level 9 (2.6M vertices) being the largest its tests build. Levels up to 6 are built
+    once per device and cached; each call returns fresh copies, so callers may modify them in place.
     """
     if isinstance(level, bool) or not isinstance(level, int) or level < 0:
-        raise ValueError(f"level: expected an integer >= 0, got {level!r}")
-    if level > 8:
-        raise ValueError(f"level: expected at most 8 (level 9 has 2.6M vertices), got {level}")
+        raise ValueError(f"level must be >= 0: expected an integer in [0, {MAX_LEVEL}], got {level!r}")
+    if level > MAX_LEVEL:
+        raise ValueError(f"level: expected at most {MAX_LEVEL} (level {level} has {10 * 4**level + 2:,} vertices, "
+                         f"{4 ** (level - MAX_LEVEL) * 0.6:g} GB), got {level}")
     device = torch.device("cpu") if device is None else torch.device(device)
     key = (level, str(device))
-    if key not in _CACHE:
-        verts, faces = _build(level)
-        _CACHE[key] = (verts.to(device), faces.to(device))
-    verts, faces = _CACHE[key]
-    return verts.clone(), faces.clone()
+    if key in _CACHE:
+        verts, faces = _CACHE[key]
+        return verts.clone(), faces.clone()
+    verts, faces = _build(level)
+    verts, faces = verts.to(device), faces.to(device)
+    if level <= _CACHE_MAX_LEVEL:
+        _CACHE[key] = (verts, faces)
+        return verts.clone(), faces.clone()
+    return verts, faces

@@ -4,6 +4,7 @@
 A batch is verts (M, V, 3) with faces (F, 3) shared by every mesh, or (M, F, 3) one per mesh (then
 the meshes are packed into one vertex list, as PyTorch3D does). Every loss is a per-mesh mean over
 its elements (unique edges, pairs of faces sharing an edge, vertices) averaged over the M meshes.
+An empty batch (M = 0 or F = 0) gives PyTorch3D's answer: tensor([0.]), shape (1,), that requires grad.
 
 The index structures depend on the faces only, and the trainer passes the same faces tensor every
 step, so they are cached per faces tensor (keyed by identity and in-place version, so editing the
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_mesh
+from ._checks import check_mesh, mesh_is_empty
 
 
 def unique_edges(faces: torch.Tensor, num_verts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +126,19 @@ def _topology(verts: torch.Tensor, faces: torch.Tensor) -> _Topology:
 
 def _prepare(verts, faces) -> tuple[torch.Tensor, _Topology]:
     """-> (verts (R, V', 3), topology): R = M with shared faces, R = 1 and V' = M*V when packed."""
-    check_mesh(verts, faces, check_index_range=False)
     topo = _topology(verts, faces)
     if faces.dim() == 3:
         verts = verts.reshape(1, -1, 3)
     return verts, topo
+
+
+def _empty_loss(verts: torch.Tensor) -> torch.Tensor:
+    """PyTorch3D's loss of an empty batch: tensor([0.]) that requires grad. Tied to verts' graph when verts
+    requires grad (a zero gradient reaches it), through an empty slice so that NaN vertices stay out of it."""
+    zero = verts.new_zeros(1)
+    if verts.requires_grad:
+        return zero + verts.reshape(-1)[:0].sum()
+    return zero.requires_grad_()
 
 
 def _per_mesh_mean(values: torch.Tensor, mesh_id: torch.Tensor, counts: torch.Tensor, num_meshes: int) -> torch.Tensor:
@@ -145,8 +154,12 @@ def _per_mesh_mean(values: torch.Tensor, mesh_id: torch.Tensor, counts: torch.Te
 def mesh_edge_loss(verts: torch.Tensor, faces: torch.Tensor, target_length: float = 0.0) -> torch.Tensor:
     """Mean over meshes of the mean over unique edges of (|v_i - v_j| - target_length)^2.
 
-    verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss, differentiable in verts.
+    verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss, differentiable in verts ((1,) zero when
+    the batch is empty).
     """
+    check_mesh(verts, faces, check_index_range=False)
+    if mesh_is_empty(verts, faces):
+        return _empty_loss(verts)
     v, topo = _prepare(verts, faces)
     e0, e1 = topo.edges.unbind(1)
     lengths = (v[:, e0] - v[:, e1]).norm(dim=-1, p=2)  # (R, E)
@@ -160,8 +173,12 @@ def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.T
     Each face's normal is taken relative to the shared edge (v0 < v1): n = (v1 - v0) x (w - v0),
     w the face's third vertex, and the second face's normal is negated so that a flat fold gives 0,
     exactly PyTorch3D's construction (non-manifold edges give all pairs of their faces).
-    verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss, differentiable in verts.
+    verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss, differentiable in verts ((1,) zero when
+    the batch is empty).
     """
+    check_mesh(verts, faces, check_index_range=False)
+    if mesh_is_empty(verts, faces):
+        return _empty_loss(verts)
     v, topo = _prepare(verts, faces)
     if topo.nc_pairs.shape[0] == 0:
         return verts.sum() * 0.0  # no shared edge anywhere: zero that still has a graph
@@ -186,10 +203,13 @@ def mesh_laplacian_smoothing(verts: torch.Tensor, faces: torch.Tensor, method: s
       sum is <= 0 it is used as is, not inverted, as in PyTorch3D).
     - "cotcurv": (sum_j w_ij (v_j - v_i)) / (4 * area around v_i).
     As in PyTorch3D the weights are computed without gradient: gradients flow through the v in
-    L v only. verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss.
+    L v only. verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss ((1,) zero when the batch is empty).
     """
     if method not in ("uniform", "cot", "cotcurv"):
         raise ValueError(f"method: expected one of ['uniform', 'cot', 'cotcurv'], got {method!r}")
+    check_mesh(verts, faces, check_index_range=False)
+    if mesh_is_empty(verts, faces):
+        return _empty_loss(verts)
     v, topo = _prepare(verts, faces)
     r, nv = v.shape[0], v.shape[1]
     if method == "uniform":

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_mesh_cached
+from ._checks import check_mesh_cached, mesh_is_empty
 from ._mode import host_reads_allowed
 
 
@@ -79,8 +79,8 @@ def sample_points_from_meshes(
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
     m = verts.shape[0]
-    if m == 0:
-        raise ValueError("verts: expected at least one mesh, got M = 0")
+    if mesh_is_empty(verts, faces):
+        raise ValueError(f"verts, faces: Meshes are empty. (M = {m} meshes of F = {faces.shape[-2]} faces)")
     with torch.no_grad():
         vd = verts.detach()
         # one host read for both checks: non-finite vertices, and meshes whose faces have no area

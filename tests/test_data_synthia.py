@@ -11,7 +11,7 @@ from protodepth.data import DataConfig, build_datasets
 from protodepth.errors import ConfigError, DataSetupError
 from protodepth.data.synthia import (CODE_MAX, ENCODING_STEP, BadFrameError, backproject, decode_depth_rgb,
                                      draw_indices, encode_depth_rgb, list_frames, network_input, process_depth,
-                                     read_depth_png, write_depth_png, z_bins)
+                                     read_depth_png, sample_rng, write_depth_png, z_bins)
 
 
 def test_encode_decode_exact_to_resolution(tmp_path):
@@ -55,8 +55,7 @@ def test_z_bins_caps_and_counts():
     b = z_bins(z, 3)  # edges -10, -7, -4, -1
     assert b.tolist() == [0, 0, 1, 2, 2, 2]
     counts = np.array([5, 1, 12])
-    rng = np.random.default_rng(3)
-    idx = draw_indices(counts, 4, rng)
+    idx = draw_indices(counts, 4, sample_rng(3, 0, 11))
     assert len(idx) == 4 + 1 + 4
     assert len(set(idx.tolist())) == len(idx)  # without replacement
     assert ((idx[:4] >= 0) & (idx[:4] < 5)).all() and idx[4] == 5 and ((idx[5:] >= 6) & (idx[5:] < 18)).all()
@@ -72,7 +71,7 @@ def test_process_depth_bins_and_caps():
     bins = z_bins(p.points[:, 2].astype(np.float64), 4)
     assert (np.diff(bins) >= 0).all()  # sorted by bin
     assert np.bincount(bins, minlength=4).tolist() == p.counts.tolist()
-    idx = draw_indices(p.counts, cfg.points_per_bin, np.random.default_rng(0))
+    idx = draw_indices(p.counts, cfg.points_per_bin, sample_rng(0, 0, 1))
     assert len(idx) == 4 * 3
     # with a pool cap each bin keeps exactly min(count, pool) points
     cfg2 = DataConfig(source="synthia", root="x", height=8, width=8, num_bins=4, points_per_bin=3, pool_per_bin=10)

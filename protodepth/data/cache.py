@@ -217,6 +217,7 @@ class DepthCache:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_maps"] = None
+        state.pop("_device_arrays", None)  # the device path's tensors never travel to DataLoader workers
         return state
 
     def maps(self) -> dict:

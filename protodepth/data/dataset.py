@@ -84,6 +84,11 @@ class DepthDataset(Dataset, abc.ABC):
         self._bad: set[int] = set()
         self._warned = False
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_frame_tensors", None)  # the device path's tensors never travel to DataLoader workers
+        return state
+
     @property
     def epoch(self) -> int:
         return int(self._epoch)

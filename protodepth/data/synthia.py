@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from protodepth.data.config import DataConfig
+from protodepth.data.draw import DrawSeed, draw_indices  # noqa: F401  (draw_indices is part of this module's API)
 from protodepth.errors import BadFrameError, DataSetupError
 
 CODE_MAX = (1 << 24) - 1  # 16 777 215: the code of 1000 m
@@ -236,26 +237,10 @@ def process_depth(depth: np.ndarray, cfg: DataConfig, rel_path: str, path: str |
     return ProcessedFrame(network_input(depth, cfg), pts, order, counts)
 
 
-def draw_indices(counts: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices (M,) int64 into a bin-sorted point list with per-bin `counts` (num_bins,): every point of a bin
-    with at most `cap` points, else `cap` distinct random ones (sorted). M = sum(min(counts, cap)).
-    Both data paths call this with the same generator state, so they pick the same points."""
-    parts, start = [], 0
-    for n in counts.tolist():
-        if n <= cap:
-            parts.append(np.arange(start, start + n, dtype=np.int64))
-        else:
-            sel = rng.choice(n, cap, replace=False)
-            sel.sort()
-            parts.append(sel + start)
-        start += n
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def sample_rng(seed: int, epoch: int, key: int) -> np.random.Generator:
-    """The generator of one sample's point draw: a function of (seed, epoch, frame key) only, so the draw does
-    not depend on worker count, worker RNG state or the order in which samples are loaded."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(key)])
+def sample_rng(seed: int, epoch: int, key: int) -> DrawSeed:
+    """What one sample's point draw depends on: (seed, epoch, frame key) only, so the draw does not depend on
+    worker count, worker RNG state, the device or the order in which samples are loaded (see `draw.py`)."""
+    return DrawSeed(int(seed), int(epoch), int(key))
 
 
 # ------------------------------------------------------------------------------------------ frame lists

@@ -13,7 +13,9 @@ setup that `scripts/train.py` uses when no config is given; `configs/original.ya
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,16 +69,16 @@ class ModelConfig:
 class LossConfig:
     samples_per_slot: int = 200  # S: points sampled on each posed slot mesh
     k_nearest: int = 3  # global term: each target point's k nearest predicted points
-    w_global: float = 0.7
-    w_slot: float = 0.2
-    w_repulsion: float = 0.1
-    w_chamfer: float = 1.0
-    w_edge: float = 0.3
+    w_global: float = 0.7  # weight of the global term (target -> k nearest predicted points)
+    w_slot: float = 0.2  # weight of the per-slot term (predicted -> nearest target point)
+    w_repulsion: float = 0.1  # weight of the term that pushes slot centres apart
+    w_chamfer: float = 1.0  # weight of the hybrid Chamfer sum of the three terms above
+    w_edge: float = 0.3  # prototype mesh regularisers: edge length, normal consistency, Laplacian smoothing
     w_normal: float = 0.3
     w_laplacian: float = 0.3
     repulsion_min_distance: float = 0.5  # metres
-    repulsion_sharpness: float = 5.0
-    laplacian_method: str = "uniform"
+    repulsion_sharpness: float = 5.0  # how fast the repulsion fades beyond repulsion_min_distance
+    laplacian_method: str = "uniform"  # "uniform" | "cot" | "cotcurv" (PyTorch3D's mesh_laplacian_smoothing)
 
     def __post_init__(self) -> None:
         _require_finite(self, "loss")
@@ -99,8 +101,8 @@ class ProgressiveConfig:
     """
 
     shape: str = "constant"  # "constant" | "linear" | "step" | "cosine"
-    steps: int = 0
-    samples_start: int = 50
+    steps: int = 0  # length of the ramp in optimizer steps
+    samples_start: int = 50  # samples per slot at step 0
     targets_start: int = 2000  # target points per image at step 0 (a random subset of the cloud)
     num_levels: int = 4  # plateaus of the "step" shape
 
@@ -116,13 +118,13 @@ class ProgressiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 1e-4  # Adam's learning rate (the peak of a cosine schedule)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 turns clipping off (the original had none)
     schedule: str = "constant"  # "constant" or "cosine" (linear warmup then cosine decay to min_lr_ratio * lr)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = 0  # linear warmup from 0 to optim.lr over this many optimizer steps
+    min_lr_ratio: float = 0.0  # cosine schedule's final learning rate, as a share of optim.lr
 
     def __post_init__(self) -> None:
         _require_finite(self, "optim")
@@ -141,18 +143,18 @@ class TrainConfig:
     output_dir: str = "runs/default"  # run folder: resolved config, checkpoints, W&B files, pictures
     batch_size: int = 2  # per process
     max_steps: int = 1000  # optimizer steps
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"; geometry always runs in fp32
     seed: int = 0  # in [0, 2**32 - 1], the range numpy's and Python's seeding share
-    log_every: int = 10
+    log_every: int = 10  # steps between logged losses
     val_every: int = 200  # 0 disables validation
     val_batches: int = 0  # 0: the whole validation split
     ckpt_every: int = 500  # 0: only the final checkpoint
     ckpt_limit: int = 3  # keep this many newest checkpoints
     resume: str | None = None  # None, "latest", or a checkpoint folder
     wandb: str = "auto"  # "auto" (online with an API key, else offline), "online", "offline", "disabled"
-    wandb_project: str = "protodepth"
-    run_name: str | None = None
+    wandb_project: str = "protodepth"  # W&B project name
+    run_name: str | None = None  # W&B run name (default: the run folder's name)
     compile: bool = False  # torch.compile the model's forward
     # Replay forward + loss + backward from CUDA graphs: removes the host's kernel-launch time, which bounds the
     # eager step (BENCHMARKS.md). Needs one GPU process, no fp16, no accumulation, no compile. "auto": on exactly
@@ -163,8 +165,7 @@ class TrainConfig:
     viz_images: int = 4  # images of the batch drawn per snapshot (the main process's share of the batch)
     on_nonfinite: str = "error"  # "error": stop naming step and files; "skip": drop the step
     dist_timeout_s: int = 600  # process-group timeout: a dead rank ends the job within this bound
-    # A fresh run (no train.resume) into a folder that holds another run refuses unless this is true.
-    overwrite: bool = False
+    overwrite: bool = False  # a fresh run (no resume) into a folder holding another run stops unless this is true
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "train.output_dir", "must be a folder path")
@@ -378,3 +379,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     for key, value in items:
         _set_dotted(tree, key, value)
     return _build(Config, tree, "")
+
+
+# ------------------------------------------------------------------------------------------- --help listing
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^=#]*(?:=.*?)?(?:#\s*(.*))?$")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name -> its comment in the source: the one on its line, else the block just above it."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (frozen, zipped): the listing goes without comments
+        return {}
+    names, out, above = {f.name for f in dataclasses.fields(cls)}, {}, []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = _FIELD_LINE.match(line)
+        if m and m.group(1) in names and m.group(1) not in out:
+            out[m.group(1)] = m.group(2) or " ".join(above).split(". ")[0]
+        above = []
+    return out
+
+
+def config_fields() -> list[tuple[str, Any, str]]:
+    """Every settable field of the tree as (section.field, dataclass default, comment), in declaration order."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        comments = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{section.name}.{f.name}", default, comments.get(f.name, "")))
+    return rows
+
+
+def config_fields_help(width: int = 118) -> str:
+    """The config fields as text for `scripts/train.py --help`: one line each, the comment cut to fit."""
+    rows = [(name, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."), comment)
+            for name, default, comment in config_fields()]
+    left = max(len(f"{n}={d}") for n, d, _ in rows) + 2
+    lines = []
+    for name, default, comment in rows:
+        line = f"  {name}={default}".ljust(left + 2) + comment
+        lines.append(line if len(line) <= width else line[: width - 3].rstrip() + "...")
+    return "\n".join(lines)

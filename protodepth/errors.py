@@ -6,6 +6,7 @@ traceback); anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
@@ -70,6 +71,19 @@ def one_line(e: BaseException) -> str:
     if len(lines) > 1 and "Traceback" in str(e):
         return lines[-1].split(": ", 1)[-1]
     return " ".join(lines)
+
+
+class CliParser(argparse.ArgumentParser):
+    """The scripts' argument parser: a bad flag ends like every other user error (last line `error: ...`, exit
+    code 2, whatever the program name), and no abbreviations (`--max-step 3` must not silently mean --max-steps)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
 
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str]) -> int:

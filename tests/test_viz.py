@@ -1,4 +1,5 @@
-"""protodepth.viz: colours, camera projection, pictures, PLY export, training snapshots, W&B payloads."""
+"""protodepth.viz (with .pictures and .meshes): colours, camera projection, pictures, PLY / GLB export, training
+snapshots, W&B payloads. Files are read back with trimesh, as a viewer would."""
 from __future__ import annotations
 
 from collections import namedtuple
@@ -95,37 +96,101 @@ def test_camera_defaults_to_synthia_and_skips_points_behind():
 
 # ---------------------------------------------------------------------------------------------- pictures
 
+def test_colormap_is_matplotlibs_turbo():
+    from matplotlib import colormaps
+
+    v = np.linspace(0, 1, 11)
+    assert np.array_equal(viz.colormap(v), colormaps["turbo"](v, bytes=True)[:, :3])
+
+
+def slot_points(cam, us, row: float, d: float, S: int) -> np.ndarray:
+    """(K, S, 3): slot k is S copies of one point d metres ahead of input pixel (us[k], row)."""
+    pred = np.zeros((len(us), S, 3), np.float32)
+    for k, u in enumerate(us):
+        pred[k, :] = [(u - cam.cx) / cam.fx * d, -(row - cam.cy) / cam.fy * d, -d]
+    return pred
+
+
 def test_scene_picture_readable_and_points_where_expected(tmp_path):
     cfg = small_cfg()
     s = frame(cfg)
     cam = viz.Camera.for_input(cfg, (NATIVE_H, NATIVE_W))
-    K, S = 3, 5
-    # slot k: S copies of one point straight ahead of input pixel (u_k, 12) at 10 m, so we know where it lands
     us = [8.0, 20.0, 32.0]
-    pred = np.zeros((K, S, 3), np.float32)
-    for k, u in enumerate(us):
-        d = 10.0
-        pred[k, :] = [(u - cam.cx) / cam.fx * d, -(12.0 - cam.cy) / cam.fy * d, -d]
+    pred = slot_points(cam, us, 12.0, 10.0, 5)
     pic = viz.scene_picture(s["image"], s["cloud"], pred, cam, title="step 7 | loss 0.5")
     path = tmp_path / "p.png"
     pic.save(path)
     arr = np.asarray(Image.open(path).convert("RGB"))
-    assert arr.shape[1] >= 2 * 480  # two panels per row, each upscaled to >= 480 px
+    assert arr.shape[1] >= 2 * 480  # two panels per row, each enlarged to >= 480 px
     assert arr.astype(float).var() > 500, "picture is nearly blank"
     assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 50
     x, y, pw, ph = pic.info["panels"]["pred"]
     f = pw / cfg.width
-    pal = viz.slot_colors(K)
+    pal = viz.slot_colors(3)
     for k, u in enumerate(us):
-        px, py = int(x + u * f), int(y + 12 * f)
+        px, py = int(x + u * f), int(y + 12 * f)  # the marker is centred on the projection
         assert tuple(arr[py, px]) == tuple(pal[k]), f"slot {k} not drawn at its projected pixel"
-    assert pic.info["pred_pixels"] > 0
-    # the target panel shows the cloud: many non-background pixels in the lower (ground) half
+    assert pic.info["pred_in_view"] == 15
+    # the target panel shows the cloud: many lit pixels
     x, y, pw, ph = pic.info["panels"]["target"]
     target_panel = arr[y:y + ph, x:x + pw]
     assert (target_panel.max(axis=-1) > 40).mean() > 0.05
-    # the colour bar holds the colour map's ends
+    # the input panel is the input through turbo (pixel centres, enlarged with nearest neighbour)
+    x, y, pw, ph = pic.info["panels"]["input"]
+    img = s["image"][0].numpy()
+    for r, c in [(3, 5), (20, 30), (12, 12)]:
+        got = arr[y + int((r + 0.5) * f), x + int((c + 0.5) * f)]
+        assert np.abs(got.astype(int) - viz.colormap(img[r, c]).astype(int)).max() <= 3
+    # the colour bar holds the colour map's far end
     assert any((arr.reshape(-1, 3) == viz.colormap(1.0)).all(axis=1))
+
+
+def test_nearer_points_cover_farther_ones():
+    """Two slots on one pixel ray: the nearer one is what the predicted panel shows, whatever the slot order."""
+    cfg = small_cfg()
+    s = frame(cfg)
+    cam = viz.Camera.for_input(cfg, (NATIVE_H, NATIVE_W))
+    for near in (0, 1):
+        pred = np.concatenate([slot_points(cam, [20.0], 12.0, 10.0 if k == near else 40.0, 4) for k in (0, 1)])
+        pic = viz.scene_picture(s["image"], s["cloud"], pred, cam)
+        arr = np.asarray(pic)
+        x, y, pw, ph = pic.info["panels"]["pred"]
+        f = pw / cfg.width
+        assert tuple(arr[int(y + 12 * f), int(x + 20 * f)]) == tuple(viz.slot_colors(2)[near])
+
+
+def test_a_picture_does_not_keep_the_previous_scene():
+    """Pictures of one geometry share a drawn template: a scene drawn after another equals it drawn first."""
+    from protodepth import pictures
+
+    cfg = small_cfg()
+    a, b = frame(cfg, 0), frame(cfg, 1)
+    cam = viz.Camera.for_input(cfg, (NATIVE_H, NATIVE_W))
+    pa, pb = slot_points(cam, [8.0, 30.0], 6.0, 5.0, 3), slot_points(cam, [20.0, 12.0], 18.0, 30.0, 3)
+    viz.scene_picture(a["image"], a["cloud"], pa, cam, title="scene a")
+    after = np.asarray(viz.scene_picture(b["image"], b["cloud"], pb, cam, title="b"))
+    pictures._template.cache_clear()
+    fresh = np.asarray(viz.scene_picture(b["image"], b["cloud"], pb, cam, title="b"))
+    assert np.array_equal(after, fresh)
+
+
+def test_pictures_drawn_from_threads_equal_sequential_ones():
+    """Inference draws from writer threads; matplotlib is not thread-safe, so drawing is serialised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = small_cfg()
+    cam = viz.Camera.for_input(cfg, (NATIVE_H, NATIVE_W))
+    frames = [frame(cfg, i) for i in range(4)]
+    preds = [slot_points(cam, [4.0 + 8 * i, 30.0], 10.0, 8.0 + i, 3) for i in range(4)]
+
+    def draw(i):
+        return np.asarray(viz.scene_picture(frames[i]["image"], frames[i]["cloud"], preds[i], cam, title=str(i)))
+
+    sequential = [draw(i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(draw, [0, 1, 2, 3] * 2))
+    for i, arr in enumerate(threaded):
+        assert np.array_equal(arr, sequential[i % 4])
 
 
 def test_top_view_pins_far_predictions_to_the_edge_in_their_direction():
@@ -159,7 +224,14 @@ def test_scene_picture_rejects_bad_input():
         viz.scene_picture(torch.zeros(3, 10, 10), torch.zeros(5, 3), torch.zeros(2, 4, 3), cam)
 
 
-# ---------------------------------------------------------------------------------------------- PLY
+# ---------------------------------------------------------------------------------------------- PLY, GLB
+
+def load_mesh(path):
+    """A file read back with trimesh, as a viewer would (no merging or reordering of vertices)."""
+    import trimesh
+
+    return trimesh.load(path, process=False)
+
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_write_ply_round_trip(tmp_path, binary):
@@ -167,16 +239,34 @@ def test_write_ply_round_trip(tmp_path, binary):
     verts = scene.slot_verts[0]  # (3, 4, 3)
     path = viz.write_ply(tmp_path / "m.ply", verts, faces, binary=binary)
     text = path.read_bytes()[:200]
-    assert (b"binary_little_endian" in text) == binary
-    got = viz.read_ply(path)
-    np.testing.assert_allclose(got["verts"], verts.reshape(-1, 3).numpy(), atol=1e-5)
-    assert got["faces"].shape == (12, 3)
-    assert np.array_equal(got["faces"][4:8], faces.numpy() + 4)  # second mesh's faces point at its own vertices
-    assert np.array_equal(got["colors"][4], viz.slot_colors(3)[1])
+    assert (b"binary_little_endian" in text) == binary and (b"format ascii" in text) != binary
+    got = load_mesh(path)
+    np.testing.assert_allclose(got.vertices, verts.reshape(-1, 3).numpy(), atol=1e-5)
+    assert got.faces.shape == (12, 3)
+    assert np.array_equal(got.faces[4:8], faces.numpy() + 4)  # second mesh's faces point at its own vertices
+    assert np.array_equal(got.visual.vertex_colors[4, :3], viz.slot_colors(3)[1])
+    assert not list(tmp_path.glob("*.part"))
     pts = np.random.default_rng(0).normal(size=(10, 3))
     pts[3] = np.nan  # dropped
-    got = viz.read_ply(viz.write_point_ply(tmp_path / "c.ply", pts, (1.0, 0.0, 0.0), binary=binary))
-    assert got["verts"].shape == (9, 3) and (got["colors"] == [255, 0, 0]).all() and got["faces"].shape == (0, 3)
+    got = load_mesh(viz.write_point_ply(tmp_path / "c.ply", pts, (1.0, 0.0, 0.0), binary=binary))
+    assert got.vertices.shape == (9, 3) and (got.colors[:, :3] == [255, 0, 0]).all()
+    np.testing.assert_allclose(got.vertices, np.delete(pts, 3, axis=0), atol=1e-5)
+    assert not hasattr(got, "faces") or len(got.faces) == 0
+
+
+def test_write_glb_keeps_meshes_and_colours(tmp_path):
+    scene, faces = tetra_scene(1, 3, 2)
+    path = viz.write_glb(tmp_path / "m.glb", scene.slot_verts[0], faces)
+    assert path.read_bytes()[:4] == b"glTF"
+    mesh = load_mesh(path).to_geometry()  # a glTF file holds a scene
+    np.testing.assert_allclose(mesh.vertices, scene.slot_verts[0].reshape(-1, 3).numpy(), atol=1e-6)
+    assert np.array_equal(mesh.faces[4:8], faces.numpy() + 4)
+    assert np.array_equal(mesh.visual.vertex_colors[:, :3], np.repeat(viz.slot_colors(3), 4, axis=0))
+    glb = viz.ply_to_glb(viz.write_ply(tmp_path / "s.ply", scene.slot_verts[0], faces))
+    assert glb == tmp_path / "s.glb"
+    again = load_mesh(glb).to_geometry()
+    assert np.array_equal(again.vertices, mesh.vertices) and np.array_equal(again.faces, mesh.faces)
+    assert np.array_equal(again.visual.vertex_colors, mesh.visual.vertex_colors)
 
 
 def test_write_ply_rejects_bad_input(tmp_path):
@@ -187,6 +277,8 @@ def test_write_ply_rejects_bad_input(tmp_path):
         viz.write_ply(tmp_path / "m.ply", scene.slot_verts[0], faces, colors=np.zeros((5, 3)))
     with pytest.raises(ValueError, match="verts"):
         viz.write_ply(tmp_path / "m.ply", torch.full((4, 3), float("nan")), faces)
+    with pytest.raises(ValueError, match="points: no finite point"):
+        viz.write_point_ply(tmp_path / "c.ply", np.full((3, 3), np.nan))
 
 
 # ---------------------------------------------------------------------------------------------- snapshot
@@ -205,15 +297,15 @@ def test_snapshot_writes_pictures_meshes_and_prototypes(tmp_path):
     for p in paths["pictures"]:
         arr = np.asarray(Image.open(p).convert("RGB"))
         assert arr.astype(float).var() > 500 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 50
-    mesh = viz.read_ply(paths["scenes"][1])
-    assert mesh["verts"].shape == (K * 4, 3) and mesh["faces"].shape == (K * 4, 3)
-    assert len({tuple(c) for c in mesh["colors"]}) == K
-    cloud = viz.read_ply(paths["points"][0])
-    assert cloud["verts"].shape[0] == int(batch["lengths"][0]) + K * S  # target (padding dropped) + predictions
-    protos = viz.read_ply(paths["prototypes"][0])
-    assert protos["verts"].shape == (P * 4, 3)
+    mesh = load_mesh(paths["scenes"][1])
+    assert mesh.vertices.shape == (K * 4, 3) and mesh.faces.shape == (K * 4, 3)
+    assert len({tuple(c) for c in mesh.visual.vertex_colors}) == K
+    cloud = load_mesh(paths["points"][0])
+    assert cloud.vertices.shape[0] == int(batch["lengths"][0]) + K * S  # target (padding dropped) + predictions
+    protos = load_mesh(paths["prototypes"][0])
+    assert protos.vertices.shape == (P * 4, 3)
     # laid out side by side: the two prototypes do not overlap
-    a, b = protos["verts"][:4], protos["verts"][4:]
+    a, b = protos.vertices[:4], protos.vertices[4:]
     assert a[:, 0].max() < b[:, 0].min()
     with pytest.raises(ValueError, match="batch sizes differ"):
         viz.snapshot(tmp_path, 1, batch, scene, pred[:2], faces, 0.0, cfg)
@@ -235,8 +327,8 @@ def test_snapshot_with_the_real_model_and_loss(tmp_path):
                                LossConfig(samples_per_slot=16))
     paths = viz.snapshot(tmp_path, 3, batch, scene, res.pred_points, model.faces, float(res.total), cfg)
     assert len(paths["pictures"]) == 2 and all(p.stat().st_size > 1000 for p in paths["pictures"])
-    mesh = viz.read_ply(paths["scenes"][0])
-    assert mesh["verts"].shape == (3 * 42, 3) and mesh["faces"].shape == (3 * 80, 3)
+    mesh = load_mesh(paths["scenes"][0])
+    assert mesh.vertices.shape == (3 * 42, 3) and mesh.faces.shape == (3 * 80, 3)
 
 
 def test_wandb_payload(tmp_path, monkeypatch):
@@ -248,9 +340,12 @@ def test_wandb_payload(tmp_path, monkeypatch):
     pred = scene.slot_verts[:, :, :2, :]  # (B, K, 2, 3)
     paths = viz.snapshot(tmp_path, 5, batch, scene, pred, faces, 1.0, cfg)
     payload = viz.wandb_payload(paths, batch, pred, prototypes=scene.prototypes)
-    assert set(payload) == {"viz/picture_0", "viz/picture_1", "viz/cloud_0", "viz/cloud_1", "viz/prototypes"}
+    assert set(payload) == {"viz/picture_0", "viz/picture_1", "viz/cloud_0", "viz/cloud_1", "viz/mesh_0", "viz/mesh_1",
+                            "viz/prototypes"}
     assert isinstance(payload["viz/picture_0"], wandb.Image)
-    assert isinstance(payload["viz/cloud_1"], wandb.Object3D)
+    assert isinstance(payload["viz/cloud_1"], wandb.Object3D) and isinstance(payload["viz/mesh_1"], wandb.Object3D)
+    glb = tmp_path / "viz" / "step_00000005" / "scene_1.glb"  # the posed slot meshes, for W&B's viewer
+    assert load_mesh(glb).to_geometry().vertices.shape == (3 * 4, 3)
     arr = viz.cloud_array(batch["cloud"][1, : batch["lengths"][1]], pred[1])
     assert arr.shape == (int(batch["lengths"][1]) + 6, 6)
     np.testing.assert_array_equal(arr[-6:, 3:], np.repeat(viz.slot_colors(3), 2, axis=0))

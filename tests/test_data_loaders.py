@@ -165,3 +165,27 @@ def test_auto_workers_come_from_the_cores_per_process(monkeypatch, cores, procs,
     monkeypatch.setattr(loaders, "usable_cpus", lambda: cores)
     assert workers_per_process(DataConfig(num_workers="auto"), procs) == want
     assert workers_per_process(DataConfig(num_workers=5), procs) == 5
+
+
+def test_host_draw_equals_batched_torch_draw_over_many_shapes():
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        counts = rng.integers(0, 3000, size=(1, 4))
+        cap = int(rng.integers(1, 500))
+        seed = DrawSeed(int(rng.integers(0, 2**32)), trial, int(rng.integers(0, 2**32)))
+        idx, _ = draw_batch(counts, np.array([seed.salts()]), cap, "cpu")
+        assert np.array_equal(draw_indices(counts[0], cap, seed), idx.numpy()), trial
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_path_on_the_gpu_yields_the_dataloader_paths_batches(tmp_path):
+    cfg = small_cfg(tmp_path / "syn", format="cache", cache_dir=str(tmp_path / "cache"))
+    train, _ = build_datasets(cfg, seed=5, progress=False)
+    for rank in range(2):
+        got = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()}
+               for b in DeviceBatches(train, 2, 9, rank, 2, "cuda").epoch(3)]
+        assert_same_batches(got, loader_batches(train, 2, 9, 3, rank, 2))
+    counts = np.random.default_rng(0).integers(0, 50_000, size=(32, 5))
+    salts = np.array([DrawSeed(1, 2, k).salts() for k in range(32)])
+    assert torch.equal(draw_batch(counts, salts, 4000, "cuda")[0].cpu(), draw_batch(counts, salts, 4000, "cpu")[0])

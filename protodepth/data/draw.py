@@ -107,10 +107,48 @@ def draw_batch(counts: np.ndarray, salts: np.ndarray, cap: int, device) -> tuple
     return out, lengths
 
 
+def _mix32_np(x: np.ndarray) -> np.ndarray:
+    """`_mix32` in numpy uint32, in place: uint32 products wrap modulo 2^32, which is what `& _MASK32` does to
+    the exact int64 products on the torch side, so the results are the same integers."""
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(_MUL32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(_MUL32)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def _smallest(key: np.ndarray, cap: int) -> np.ndarray:
+    """Positions of the `cap` smallest of distinct uint32 `key` (n > cap), ascending. The keys are uniform, so
+    the cap smallest lie below about cap / n of the range: a cut a little above that leaves few to partition
+    (if fewer than `cap` pass the cut, every key is partitioned; the answer is the same either way)."""
+    n = len(key)
+    cut = min(1 << 32, int((cap + 8 * cap ** 0.5 + 64) / n * (1 << 32)))
+    pos = np.flatnonzero(key < cut) if cut < (1 << 32) else np.arange(n)
+    if len(pos) < cap:
+        pos = np.arange(n)
+    if len(pos) > cap:
+        pos = pos[np.argpartition(key[pos], cap - 1)[:cap]]
+    pos.sort()
+    return pos
+
+
 def draw_indices(counts: np.ndarray, cap: int, seed: DrawSeed) -> np.ndarray:
-    """One frame's draw: indices (M,) int64 into its bin-sorted candidate list with per-bin `counts`
-    (num_bins,): every point of a bin with at most `cap` points, else `cap` distinct ones (ascending).
-    M = sum(min(counts, cap)); the same indices as that frame's part of `draw_batch`."""
-    idx, _ = draw_batch(np.asarray(counts, dtype=np.int64)[None], np.array([seed.salts()], dtype=np.int64), cap,
-                        "cpu")
-    return idx.numpy()
+    """One frame's draw on the host (DataLoader workers): indices (M,) int64 into its bin-sorted candidate list
+    with per-bin `counts` (num_bins,): every point of a bin with at most `cap` points, else the `cap` points of
+    smallest key, ascending. M = sum(min(counts, cap)). The same indices as that frame's part of `draw_batch`:
+    the set of the `cap` smallest of distinct keys is unique, so a partial selection here (numpy, much faster on
+    a CPU than a full sort) and a full sort on a GPU agree."""
+    a, b = (np.uint32(v) for v in seed.salts())
+    parts, start = [], 0
+    for n in np.asarray(counts, dtype=np.int64).tolist():
+        if n <= cap:
+            parts.append(np.arange(start, start + n, dtype=np.int64))
+        else:
+            key = np.arange(start, start + n, dtype=np.uint32)
+            key ^= a
+            key = _mix32_np(key)
+            key ^= b
+            parts.append(_smallest(_mix32_np(key), cap).astype(np.int64) + start)
+        start += n
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import re
 import warnings
 from pathlib import Path
@@ -535,6 +536,32 @@ def _write(t: Path, name: str, text: str) -> None:
     (t / name).write_text(text)
 
 
+def _checkpoint_with(t: Path, how: str) -> None:
+    """One committed checkpoint at step 3 under t/run/checkpoints, damaged or made for another model as `how` says."""
+    import yaml
+
+    root = t / "run" / "checkpoints"
+    if how == "other_shape":  # a checkpoint whose saved config has 8 slots: the tiny model has 2
+        tmp = ckpt.temp_dir(root, 3)
+        tmp.mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"0" * 64)
+        (tmp / "config.yaml").write_text(yaml.safe_dump({"model": {"num_slots": 8, "num_prototypes": 2, "ico_level": 1}}))
+        ckpt.commit(root, 3, 3)
+        return
+    make_checkpoint(root, 3)
+    rng = random.Random(0)  # the same bytes every run, though only the hash sees them
+    f = root / "checkpoint-00000003" / "model.safetensors"
+    f.write_bytes(bytes(rng.randrange(256) for _ in range(f.stat().st_size)))
+
+
+def _weights_file(t: Path, what: str) -> None:
+    import torchvision
+
+    content = {"list": lambda: [torch.zeros(3)], "int_keys": lambda: {0: torch.zeros(3)},
+               "resnet18": lambda: torchvision.models.resnet18(weights=None).state_dict()}[what]()
+    torch.save(content, t / f"{what}.pth")
+
+
 # id -> (what the user did, setup(t) or None, extra argv, fragment the message must hold)
 CLI_CASES = {
     # ---- command-line flags
@@ -550,6 +577,21 @@ CLI_CASES = {
                         ["--config", "{t}/bad.yaml"], "bad.yaml"),
     "config-not-mapping": ("`--config` file holding a list", lambda t: _write(t, "list.yaml", "- 1\n- 2\n"),
                            ["--config", "{t}/list.yaml"], "list.yaml"),
+    "config-folder": ("`--config` naming a folder", lambda t: (t / "configs").mkdir(), ["--config", "{t}/configs"],
+                      "is a folder"),
+    "config-binary": ("`--config` naming a binary (not UTF-8) file",
+                      lambda t: (t / "model.pth").write_bytes(bytes(range(256))), ["--config", "{t}/model.pth"],
+                      "model.pth"),
+    "config-key-twice": ("`--config` file with a section given twice (YAML would silently keep the last)",
+                         lambda t: _write(t, "twice.yaml", "train:\n  max_steps: 2\ntrain:\n  seed: 1\n"),
+                         ["--config", "{t}/twice.yaml"], "'train' appears twice"),
+    "resume-file": ("`--resume` naming a file inside a checkpoint", lambda t: _fake_checkpoints(t, False),
+                    ["--resume", "{t}/run/checkpoints/checkpoint-00000003/model.safetensors"], "is a file"),
+    "resume-corrupt": ("`--resume` a checkpoint whose weights were overwritten by same-size garbage",
+                       lambda t: _checkpoint_with(t, "same_size"), ["--resume", "{t}/run/checkpoints/checkpoint-00000003"],
+                       "does not match its manifest"),
+    "resume-other-shape": ("`--resume` a checkpoint trained with another `model.num_slots`",
+                           lambda t: _checkpoint_with(t, "other_shape"), ["--resume", "latest"], "model.num_slots=8"),
     "resume-missing": ("`--resume` a folder that does not exist", None, ["--resume", "{t}/nope"], "nope"),
     "resume-run-folder": ("`--resume` the checkpoints folder instead of one checkpoint",
                           lambda t: _fake_checkpoints(t, False), ["--resume", "{t}/run/checkpoints"], "checkpoints"),
@@ -570,6 +612,12 @@ CLI_CASES = {
     "range-ico-level": ("`model.ico_level=9`", None, ["model.ico_level=9"], "model.ico_level"),
     "range-data-height": ("`data.height=4`", None, ["data.height=4"], "data.height"),
     "range-timeout": ("`train.dist_timeout_s=0`", None, ["train.dist_timeout_s=0"], "train.dist_timeout_s"),
+    "range-lr-inf": ("`optim.lr=.inf` (passes `> 0`)", None, ["optim.lr=.inf"], "optim.lr"),
+    "range-loss-weight-inf": ("`loss.w_global=.inf`", None, ["loss.w_global=.inf"], "loss.w_global"),
+    "range-seed-negative": ("`train.seed=-1`", None, ["train.seed=-1"], "train.seed"),
+    "range-seed-too-large": ("`train.seed=4294967296` (2^32)", None, ["train.seed=4294967296"], "train.seed"),
+    "k-nearest-too-large": ("`loss.k_nearest=40` with 2 slots x 16 samples = 32 predicted points", None,
+                            ["loss.k_nearest=40"], "loss.k_nearest"),
     "choice-precision": ("`train.mixed_precision=fp8`", None, ["train.mixed_precision=fp8"], "train.mixed_precision"),
     "choice-nonfinite": ("`train.on_nonfinite=ignore`", None, ["train.on_nonfinite=ignore"], "train.on_nonfinite"),
     "choice-data-source": ("`data.source=kitti`", None, ["data.source=kitti"], "data.source"),
@@ -587,6 +635,12 @@ CLI_CASES = {
     "weights-garbage": ("`model.weights` a file that is not a state_dict",
                         lambda t: _write(t, "junk.pth", "not a state dict"), ["model.weights={t}/junk.pth"],
                         "junk.pth"),
+    "weights-list": ("`model.weights` a torch file holding a list", lambda t: _weights_file(t, "list"),
+                     ["model.weights={t}/list.pth"], "list.pth"),
+    "weights-int-keys": ("`model.weights` a dict with integer keys", lambda t: _weights_file(t, "int_keys"),
+                         ["model.weights={t}/int_keys.pth"], "int_keys.pth"),
+    "weights-resnet18": ("`model.weights` a ResNet-18 state dict", lambda t: _weights_file(t, "resnet18"),
+                         ["model.weights={t}/resnet18.pth"], "resnet18.pth"),
     "output-dir-under-file": ("`train.output_dir` below a regular file", lambda t: _write(t, "afile", "x"),
                               ["train.output_dir={t}/afile/run"], "train.output_dir"),
     # ---- data files
@@ -616,7 +670,8 @@ CLI_CASES = {
                          "non-finite model output (slot vertices) at step 2"),
 }
 SLOW_CASES = {"png-truncated", "png-all-sky", "nonfinite-output", "weights-garbage", "output-dir-under-file",
-              "resume-run-folder", "resume-incomplete", "resume-latest-all-broken"}  # get past the model build
+              "resume-run-folder", "resume-incomplete", "resume-latest-all-broken", "resume-file", "resume-corrupt",
+              "resume-other-shape", "weights-list", "weights-int-keys", "weights-resnet18"}  # get past the model build
 
 
 @pytest.fixture(scope="module")

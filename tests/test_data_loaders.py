@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from protodepth.data import DataConfig, build_datasets, collate_depth
 from protodepth.data import loaders
-from protodepth.data.draw import DrawSeed, draw_batch, draw_indices
+from protodepth.data.draw import DrawSeed, draw_batch, draw_batch_sorted, draw_indices
 from protodepth.data.loaders import (DeviceBatches, EpochShuffleSampler, choose_data_device, rank_batches,
                                      workers_per_process)
 from protodepth.errors import ConfigError
@@ -49,7 +49,8 @@ def test_batched_draw_equals_frame_by_frame_draw():
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 60, size=(6, 4))
     seeds = [DrawSeed(7, 3, int(k)) for k in rng.integers(0, 2**32, size=6)]
-    idx, lengths = draw_batch(counts, np.array([s.salts() for s in seeds]), 20, "cpu")
+    idx, lengths = draw_batch_sorted(counts, np.array([s.salts() for s in seeds]), 20, "cpu")
+    assert torch.equal(idx, draw_batch(counts, np.array([s.salts() for s in seeds]), 20, "cpu")[0])
     pieces = np.split(idx.numpy(), np.cumsum(lengths)[:-1])
     for c, s, piece in zip(counts, seeds, pieces):
         assert np.array_equal(piece, draw_indices(c, 20, s))
@@ -173,7 +174,7 @@ def test_host_draw_equals_batched_torch_draw_over_many_shapes():
         counts = rng.integers(0, 3000, size=(1, 4))
         cap = int(rng.integers(1, 500))
         seed = DrawSeed(int(rng.integers(0, 2**32)), trial, int(rng.integers(0, 2**32)))
-        idx, _ = draw_batch(counts, np.array([seed.salts()]), cap, "cpu")
+        idx, _ = draw_batch_sorted(counts, np.array([seed.salts()]), cap, "cpu")
         assert np.array_equal(draw_indices(counts[0], cap, seed), idx.numpy()), trial
 
 
@@ -189,3 +190,4 @@ def test_device_path_on_the_gpu_yields_the_dataloader_paths_batches(tmp_path):
     counts = np.random.default_rng(0).integers(0, 50_000, size=(32, 5))
     salts = np.array([DrawSeed(1, 2, k).salts() for k in range(32)])
     assert torch.equal(draw_batch(counts, salts, 4000, "cuda")[0].cpu(), draw_batch(counts, salts, 4000, "cpu")[0])
+    assert torch.equal(draw_batch_sorted(counts, salts, 4000, "cpu")[0], draw_batch(counts, salts, 4000, "cpu")[0])

@@ -1,8 +1,10 @@
-"""Data loading throughput: samples/s against DataLoader worker count, PNG path vs preprocessed (cache) path.
+"""Data loading throughput: samples/s against DataLoader worker count, PNG path vs preprocessed (cache) path,
+and the device path (the cache as tensors on the GPU, batches gathered there: `protodepth.data.DeviceBatches`).
 
     python scripts/benchmark.py data                      # 1080x1920 frames (SYNTHIA's size) -> 240x320 input,
                                                           # 5 bins x 4000 points, workers 0..16 up to the CPU count
     python scripts/benchmark.py data --workers 0,2 --frames 8 --seconds 2
+    python scripts/benchmark.py data --paths device --frame-size 240x320 --frames 64   # the device path only
 
 The frames are built-in synthetic scenes rendered at `--frame-size` into `--dir` (once), so the PNG path decodes
 PNGs as large as SYNTHIA's; the cache is built from them with scripts/prepare_data.py's code. Each figure is
@@ -48,7 +50,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="data.image_channels: 3 (default, the trainer's contract) or 1 (a third of the image bytes)")
     p.add_argument("--workers", default=None,
                    help="comma-separated worker counts (default: those of 0,1,2,4,8,16 not above the CPU count)")
-    p.add_argument("--paths", default="png,cache", help="which paths to measure: png, cache or both")
+    p.add_argument("--paths", default="png,cache,device",
+                   help="which paths to measure, comma-separated: png, cache (DataLoader workers), device (the cache "
+                        "on --device, no workers)")
+    p.add_argument("--device", default=None,
+                   help="device of the device path (default cuda when available, else cpu)")
     p.add_argument("--seconds", type=float, default=4.0, help="steady-state time per measurement (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per cell; the median is reported")
     p.add_argument("--pin-memory", choices=["auto", "yes", "no"], default="auto",
@@ -74,14 +80,47 @@ def measure(ds, workers: int, batch_size: int, seconds: float, pin: bool) -> tup
     return n / (t - t1), t1 - t0
 
 
+def measure_device(ds, batch_size: int, seconds: float, device: str) -> tuple[float, float]:
+    """(steady-state samples/s, seconds until the first batch, including moving the data to the device) of the
+    device path over `ds`, epoch after epoch; each timing waits for the device to finish its queued work."""
+    from protodepth.data.loaders import DeviceBatches
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    ds.__dict__.pop("_frame_tensors", None)  # include the upload in the first-batch time, as a fresh run does
+    ds.cache.__dict__.pop("_device_arrays", None)
+    t0 = time.perf_counter()
+    batches = DeviceBatches(ds, batch_size, seed=0, rank=0, world=1, device=device)
+    epoch = 0
+    it = batches.epoch(epoch)
+    next(it)
+    sync()
+    t1 = time.perf_counter()
+    n, t = 0, t1
+    while t - t1 < seconds or n < 2 * batch_size:
+        b = next(it, None)
+        if b is None:
+            epoch += 1
+            it = batches.epoch(epoch)
+            continue
+        n += b["image"].shape[0]
+        if n % (8 * batch_size) == 0:
+            sync()
+        t = time.perf_counter()
+    sync()
+    return n / (time.perf_counter() - t1), t1 - t0
+
+
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
     cpus = os.cpu_count() or 1
     workers = ([int(w) for w in a.workers.split(",")] if a.workers
                else [w for w in (0, 1, 2, 4, 8, 16) if w <= cpus])
     paths = [p.strip() for p in a.paths.split(",") if p.strip()]
-    if not set(paths) <= {"png", "cache"}:
-        raise SystemExit(f"--paths: expected png and/or cache, got {a.paths!r}")
+    if not set(paths) <= {"png", "cache", "device"}:
+        raise SystemExit(f"--paths: expected some of png, cache, device, got {a.paths!r}")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pin = torch.cuda.is_available() if a.pin_memory == "auto" else a.pin_memory == "yes"
     fh, fw = a.frame_size
     base = a.dir or os.path.join("data_cache", f"bench-{fh}x{fw}")
@@ -94,7 +133,7 @@ def main(argv: list[str]) -> int:
                                 cache_dir=os.path.join(base, f"cache-{a.input[0]}x{a.input[1]}"))}
     t = time.perf_counter()
     ensure_synthetic(cfgs["png"])
-    if "cache" in paths:
+    if "cache" in paths or "device" in paths:
         open_cache(cfgs["cache"], cfgs["cache"].resolved_root())
     print(f"data ready in {time.perf_counter() - t:.1f} s")
 
@@ -111,7 +150,14 @@ def main(argv: list[str]) -> int:
     rows = ["| path | workers | samples/s | first batch (s) |", "| --- | ---: | ---: | ---: |"]
     print("\n".join(rows), flush=True)
     for path in paths:
-        ds, _ = build_datasets(cfgs[path], seed=0, progress=False)
+        ds, _ = build_datasets(cfgs["cache" if path == "device" else path], seed=0, progress=False)
+        if path == "device":
+            runs = [measure_device(ds, a.batch_size, a.seconds, device) for _ in range(a.repeats)]
+            row = (f"| device ({device}) | 0 | {statistics.median(r[0] for r in runs):,.0f} | "
+                   f"{statistics.median(r[1] for r in runs):.2f} |")
+            rows.append(row)
+            print(row, flush=True)
+            continue
         for w in workers:
             runs = [measure(ds, w, a.batch_size, a.seconds, pin) for _ in range(a.repeats)]
             rate = statistics.median(r[0] for r in runs)

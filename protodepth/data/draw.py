@@ -76,7 +76,18 @@ def ranges(starts: np.ndarray, lens: np.ndarray, device) -> tuple[torch.Tensor, 
 
 
 def draw_batch(counts: np.ndarray, salts: np.ndarray, cap: int, device) -> tuple[torch.Tensor, np.ndarray]:
-    """The draw of B frames at once.
+    """The draw of B frames: `draw_batch_sorted` on a GPU, frame by frame with the host draw (`draw_indices`,
+    faster there than sorts) on the CPU. Same arguments and results as `draw_batch_sorted`."""
+    if torch.device(device).type != "cpu":
+        return draw_batch_sorted(counts, salts, cap, device)
+    counts = np.asarray(counts, dtype=np.int64)
+    parts = [draw_indices(c, cap, None, salt) for c, salt in zip(counts, np.asarray(salts, dtype=np.int64))]
+    return torch.from_numpy(np.concatenate(parts)), np.minimum(counts, cap).sum(axis=1)
+
+
+def draw_batch_sorted(counts: np.ndarray, salts: np.ndarray, cap: int, device) -> tuple[torch.Tensor, np.ndarray]:
+    """The draw of B frames at once, in torch (one sort; every size comes from the host, so nothing waits for
+    the device).
 
     counts: (B, num_bins) int64 host array, candidates per bin of each frame (bins are contiguous in the frame's
     bin-sorted list); salts: (B, 2) int64 host array (`DrawSeed.salts`); cap: points_per_bin.
@@ -133,13 +144,14 @@ def _smallest(key: np.ndarray, cap: int) -> np.ndarray:
     return pos
 
 
-def draw_indices(counts: np.ndarray, cap: int, seed: DrawSeed) -> np.ndarray:
+def draw_indices(counts: np.ndarray, cap: int, seed: DrawSeed | None, salts: tuple[int, int] | None = None
+                 ) -> np.ndarray:
     """One frame's draw on the host (DataLoader workers): indices (M,) int64 into its bin-sorted candidate list
     with per-bin `counts` (num_bins,): every point of a bin with at most `cap` points, else the `cap` points of
     smallest key, ascending. M = sum(min(counts, cap)). The same indices as that frame's part of `draw_batch`:
     the set of the `cap` smallest of distinct keys is unique, so a partial selection here (numpy, much faster on
     a CPU than a full sort) and a full sort on a GPU agree."""
-    a, b = (np.uint32(v) for v in seed.salts())
+    a, b = (np.uint32(v) for v in (seed.salts() if salts is None else salts))
     parts, start = [], 0
     for n in np.asarray(counts, dtype=np.int64).tolist():
         if n <= cap:

@@ -70,7 +70,7 @@ class DataConfig:
     synthetic_seed: int = 0
     # DataLoader worker processes per training process (0: load in the main process); "auto": from the cores
     # per process, max(1, min(8, cpu_count // processes_on_this_machine - 1)) (see `workers_per_process`)
-    num_workers: int | str = 2
+    num_workers: int | str = "auto"
     # Where batches are assembled: "cuda" keeps the whole preprocessed cache on the GPU (gathers and point
     # draws on the device, no workers); "cpu" uses DataLoader workers; "auto" picks "cuda" for a cache (or the
     # synthetic source) that fits in a quarter of the free GPU memory (see `protodepth.data.loaders`)

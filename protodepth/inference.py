@@ -1,6 +1,13 @@
 """Inference: a checkpoint written by the trainer + depth PNGs -> scene meshes, pictures, Chamfer metrics.
 
 `scripts/infer.py` is its command line; `run(args)` does the work (see that script for the options).
+
+Two kinds of numbers per image (docs/visualization.md, "Which number is which"):
+- `val_total`, `val_chamfer`, `val_global`, `val_slot`, `val_repulsion`: the trainer's validation measure,
+  computed by the same code (`proto_depth_loss`) with the same point counts on the image alone; their mean over
+  a set is what the trainer logs as `val/total`, `val/chamfer`, ... on that set (up to the random sampling);
+- `pred_to_target`, `target_to_pred` (squared metres) and `chamfer` = their sum: plain directed Chamfer means
+  on the same sampled points. `pred_to_target` equals `val_slot`; `val_chamfer` weights and mixes the terms.
 """
 from __future__ import annotations
 
@@ -125,9 +132,19 @@ def skip_hint(msg: str) -> str:
     return f"{msg} (pass --skip-bad to skip such files)"
 
 
+def dataset_rel(frame) -> str:
+    """The frame's path as the trainer names it when data.root is the dataset root ("SEQ/DepthLeft/name.png"
+    for a PNG in a DepthLeft folder), whatever --input was: it keys the frame's target draw, so one frame gets
+    the same target points (validation's) whether it is passed alone, in its folder or with the whole set."""
+    parts = Path(frame.path).parts
+    if len(parts) >= 3 and parts[-2] == "DepthLeft":
+        return "/".join(parts[-3:])
+    return frame.rel
+
+
 class FrameDataset:
-    """Depth PNG -> {"image" (3, H, W), "cloud" (N, 3), "path", "rel", "native_hw"}, with the training draw
-    of the target cloud (fixed seed, epoch 0) so metrics compare with the trainer's validation loss."""
+    """Depth PNG -> {"image" (C, H, W), "cloud" (N, 3), "path", "rel", "native_hw"}, with validation's draw of
+    the target cloud (epoch 0 of `seed`: the trainer's validation draw when seed = train.seed)."""
 
     def __init__(self, frames, data_cfg, seed: int, skip_bad: bool = False):
         self.frames, self.cfg, self.seed, self.skip_bad = list(frames), data_cfg, seed, skip_bad
@@ -138,6 +155,7 @@ class FrameDataset:
     def __getitem__(self, i: int) -> dict:
         import torch
 
+        from protodepth.data.dataset import gray_to_rgb
         from protodepth.data.synthia import (BadFrameError, draw_indices, frame_key, process_depth, read_depth_png,
                                              sample_rng)
 
@@ -149,10 +167,9 @@ class FrameDataset:
             if not self.skip_bad:
                 raise InferError(skip_hint(str(e))) from None
             return {"bad": str(e)}
-        idx = draw_indices(p.counts, self.cfg.points_per_bin, sample_rng(self.seed, 0, frame_key(fr.rel)))
-        return {"image": torch.from_numpy(p.image).expand(3, -1, -1).contiguous(),
-                "cloud": torch.from_numpy(p.points[idx]), "path": fr.path, "rel": fr.rel,
-                "native_hw": depth.shape}
+        idx = draw_indices(p.counts, self.cfg.points_per_bin, sample_rng(self.seed, 0, frame_key(dataset_rel(fr))))
+        return {"image": gray_to_rgb(p.image[0], self.cfg.image_channels), "cloud": torch.from_numpy(p.take(idx)),
+                "path": fr.path, "rel": fr.rel, "native_hw": depth.shape}
 
 
 def check_frames(frames, skip_bad: bool):
@@ -198,24 +215,106 @@ def out_name(rel: str) -> str:
     return stem.replace("/", "_").replace(os.sep, "_")
 
 
+# ------------------------------------------------------------------------------------------------ metrics
+
+VAL_KEYS = ("val_total", "val_chamfer", "val_global", "val_slot", "val_repulsion")
+CHAMFER_KEYS = ("chamfer", "pred_to_target", "target_to_pred")
+METRIC_KEYS = VAL_KEYS + CHAMFER_KEYS
+
+# what each number is, written into metrics.json so the file explains itself
+DEFINITIONS = {
+    "val_total": "the trainer's val/total on this image alone (loss.w_chamfer * val_chamfer + the prototype "
+                 "regularisers, which do not depend on the image)",
+    "val_chamfer": "the trainer's val/chamfer on this image alone: loss.w_global * val_global + loss.w_slot * "
+                   "val_slot + loss.w_repulsion * val_repulsion",
+    "val_global": "val/global: mean over target points of the mean squared distance (m^2) to their "
+                  "loss.k_nearest nearest predicted points",
+    "val_slot": "val/slot: mean over predicted points of the squared distance (m^2) to the nearest target point "
+                "(equals pred_to_target)",
+    "val_repulsion": "val/repulsion: the slot-centroid repulsion term",
+    "pred_to_target": "mean over predicted points of the squared distance (m^2) to the nearest target point",
+    "target_to_pred": "mean over target points of the squared distance (m^2) to the nearest predicted point",
+    "chamfer": "pred_to_target + target_to_pred (m^2), the symmetric Chamfer distance; not a validation number",
+}
+
+
+def image_metrics(slot_verts, prototypes, faces, cloud, loss_cfg, seed: int) -> tuple[dict[str, float], object]:
+    """One image's numbers: the validation loss (`proto_depth_loss`, as the trainer's validation calls it:
+    loss.samples_per_slot points per slot, the whole target cloud) on this image alone, with point sampling
+    seeded by `seed` (so a number does not depend on the batch the image came in), and the directed Chamfer
+    means on the same sampled points.
+
+    slot_verts (K, V, 3), prototypes (P, V, 3), faces (F, 3), cloud (N, 3) valid target points.
+    Returns ({METRIC_KEYS: float}, the sampled points (K, S, 3))."""
+    import torch
+
+    from protodepth.geometry import chamfer_distance
+    from protodepth.loss import proto_depth_loss
+
+    gen = torch.Generator(device=slot_verts.device).manual_seed(seed)
+    lengths = torch.tensor([cloud.shape[0]], device=cloud.device)
+    res = proto_depth_loss(slot_verts[None], prototypes, faces, cloud[None], lengths, loss_cfg, generator=gen)
+    flat = res.pred_points.reshape(1, -1, 3)
+    p2t, _ = chamfer_distance(flat, cloud[None].float(), single_directional=True)
+    t2p, _ = chamfer_distance(cloud[None].float(), flat, single_directional=True)
+    t = res.terms
+    values = torch.stack([res.total, t["chamfer"], t["global"], t["slot"], t["repulsion"], p2t, t2p]).float()
+    total, chamfer, glob, slot, rep, p2t, t2p = values.cpu().tolist()  # one host read per image
+    out = {"val_total": total, "val_chamfer": chamfer, "val_global": glob, "val_slot": slot, "val_repulsion": rep,
+           "chamfer": p2t + t2p, "pred_to_target": p2t, "target_to_pred": t2p}
+    return out, res.pred_points[0]
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 def write_one(job: dict, out: Path, cfg, ckpt_name: str, faces, picture: bool) -> dict:
-    """Write one image's scene mesh (and picture); return its metrics row. job: name, rel, path, p2t, t2p,
-    target_points, slot_verts (K, V, 3), image (3, H, W), cloud (N, 3), pred (K, S, 3), native_hw."""
+    """Write one image's scene mesh (and picture); return its metrics row. job: name, rel, path, metrics,
+    target_points, slot_verts (K, V, 3), image (C, H, W), cloud (N, 3), pred (K, S, 3), native_hw."""
     from protodepth import viz
 
-    row = {"name": job["name"], "path": job["path"], "chamfer": job["p2t"] + job["t2p"], "pred_to_target": job["p2t"],
-           "target_to_pred": job["t2p"], "target_points": job["target_points"]}
+    m = job["metrics"]
+    row = {"name": job["name"], "path": job["path"], **{k: m[k] for k in METRIC_KEYS},
+           "target_points": job["target_points"]}
     pal = viz.slot_colors(job["slot_verts"].shape[0])
     viz.write_ply(out / "scenes" / f"{job['name']}.ply", job["slot_verts"], faces, pal)
     if picture:
-        cam = viz.Camera.for_input(cfg.data, job["native_hw"])
-        title = f"{job['rel']}  |  chamfer {row['chamfer']:.4g} m^2  |  {ckpt_name}"
+        cam = viz.Camera.for_input(cfg, job["native_hw"])
+        title = (f"{job['rel']}  |  val. chamfer {m['val_chamfer']:.4g}  |  pred->target {m['pred_to_target']:.3g}"
+                 f" m^2, target->pred {m['target_to_pred']:.3g} m^2  |  {ckpt_name}")
         pic = viz.scene_picture(job["image"], job["cloud"], job["pred"], cam, title,
-                                depth_scale=float(cfg.data.depth_scale))
+                                depth_scale=float(cfg.depth_scale))
         pic.save(out / "pictures" / f"{job['name']}.png", compress_level=1)
     return row
+
+
+def batch_jobs(model, batch: dict, device, loss_cfg, seed: int) -> list[dict]:
+    """Forward pass and metrics of one collated batch -> one job per image for `write_one`."""
+    import torch
+
+    image = batch["image"].to(device, non_blocking=True)
+    cloud = batch["cloud"].to(device, non_blocking=True)
+    jobs = []
+    with torch.no_grad():
+        scene = model(image)
+        for b in range(image.shape[0]):
+            n = int(batch["lengths"][b])
+            metrics, pred = image_metrics(scene.slot_verts[b], scene.prototypes, model.faces, cloud[b, :n],
+                                          loss_cfg, seed)
+            jobs.append({"name": out_name(batch["rels"][b]), "rel": batch["rels"][b], "path": batch["paths"][b],
+                         "metrics": metrics, "target_points": n, "slot_verts": scene.slot_verts[b].float().cpu(),
+                         "image": batch["image"][b], "cloud": batch["cloud"][b, :n], "pred": pred.float().cpu(),
+                         "native_hw": batch["native_hw"][b]})
+    return jobs
+
+
+def write_metrics(out: Path, result: dict, rows: list[dict]) -> None:
+    """metrics.json (the whole result) and metrics.csv (a row per image, then the mean)."""
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["name", "path", *METRIC_KEYS, "target_points"])
+        w.writeheader()
+        w.writerows(rows)
+        w.writerow({"name": "mean", "path": "", **result["mean"], "target_points": ""})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -226,15 +325,11 @@ def run(args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from protodepth.geometry import chamfer_distance, sample_points_from_meshes
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InferError("--device cuda: no CUDA GPU is visible; use --device auto or cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     frames, skipped = check_frames(list_inputs(Path(args.input)), args.skip_bad)
     model, cfg = load_model(folder, device)
-    faces = model.faces
-    K, S = cfg.model.num_slots, cfg.loss.samples_per_slot
 
     out = Path(args.output)
     (out / "scenes").mkdir(parents=True, exist_ok=True)
@@ -242,13 +337,12 @@ def run(args: argparse.Namespace) -> dict:
         (out / "pictures").mkdir(parents=True, exist_ok=True)
     loader = DataLoader(FrameDataset(frames, cfg.data, args.seed, args.skip_bad), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[dict] = []
     bar = tqdm(total=len(frames), desc="infer", unit="img", dynamic_ncols=True)
     # meshes and pictures are written by threads (numpy, zlib and file I/O release the GIL)
     pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
     futures: list = []
-    faces_cpu = faces.cpu()
+    faces_cpu = model.faces.cpu()
     try:  # the bar is closed on errors too, so the error line stands on its own
         for batch in loader:
             for msg in batch["bad"]:
@@ -257,36 +351,15 @@ def run(args: argparse.Namespace) -> dict:
             bar.update(len(batch["bad"]))  # (bad ones count as done at once)
             if batch["image"] is None:
                 continue
-            image = batch["image"].to(device, non_blocking=True)
-            cloud = batch["cloud"].to(device, non_blocking=True)
-            lengths = batch["lengths"].to(device)
-            B = image.shape[0]
-            with torch.no_grad():
-                scene = model(image)
-                V = scene.slot_verts.shape[2]
-                pred = sample_points_from_meshes(scene.slot_verts.reshape(B * K, V, 3), faces, S, generator=gen)
-                pred = pred.view(B, K, S, 3)
-                flat = pred.reshape(B, K * S, 3)
-                # (B,) each: mean over one cloud's points of the squared distance to the other's nearest
-                p2t, _ = chamfer_distance(flat, cloud, y_lengths=lengths, batch_reduction=None,
-                                          single_directional=True)
-                t2p, _ = chamfer_distance(cloud, flat, x_lengths=lengths, batch_reduction=None,
-                                          single_directional=True)
-            p2t, t2p = p2t.float().cpu().tolist(), t2p.float().cpu().tolist()
-            slot_verts, pred_cpu = scene.slot_verts.float().cpu(), pred.float().cpu()
-            for b in range(B):
-                n = int(batch["lengths"][b])
-                job = {"name": out_name(batch["rels"][b]), "rel": batch["rels"][b], "path": batch["paths"][b],
-                       "p2t": p2t[b], "t2p": t2p[b], "target_points": n, "slot_verts": slot_verts[b],
-                       "image": batch["image"][b], "cloud": batch["cloud"][b, :n], "pred": pred_cpu[b],
-                       "native_hw": batch["native_hw"][b]}
-                futures.append(pool.submit(write_one, job, out, cfg, folder.name, faces_cpu, not args.no_pictures))
+            for job in batch_jobs(model, batch, device, cfg.loss, args.seed):
+                futures.append(pool.submit(write_one, job, out, cfg.data, folder.name, faces_cpu,
+                                           not args.no_pictures))
             # writing batch i overlaps the forward pass of batch i + 1; collect what has been queued before
-            while len(futures) > 2 * B:
+            while len(futures) > 2 * args.batch_size:
                 rows.append(futures.pop(0).result())
                 bar.update(1)
             if rows:
-                bar.set_postfix(chamfer=f"{sum(r['chamfer'] for r in rows) / len(rows):.4g}", refresh=False)
+                bar.set_postfix(val_chamfer=f"{sum(r['val_chamfer'] for r in rows) / len(rows):.4g}", refresh=False)
         for f in futures:
             rows.append(f.result())
             bar.update(1)
@@ -296,14 +369,10 @@ def run(args: argparse.Namespace) -> dict:
     if not rows:
         raise InferError("--input: every depth PNG was skipped; nothing to evaluate")
 
-    keys = ("chamfer", "pred_to_target", "target_to_pred")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in METRIC_KEYS}
     result = {"checkpoint": str(folder), "input": str(args.input), "device": str(device), "count": len(rows),
-              "samples_per_slot": S, "num_slots": K, "mean": mean, "skipped": skipped, "images": rows}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["name", "path", *keys, "target_points"])
-        w.writeheader()
-        w.writerows(rows)
-        w.writerow({"name": "mean", "path": "", **mean, "target_points": ""})
+              "samples_per_slot": cfg.loss.samples_per_slot, "num_slots": cfg.model.num_slots, "seed": args.seed,
+              "train_seed": cfg.train.seed, "mean": mean, "definitions": DEFINITIONS, "skipped": skipped,
+              "images": rows}
+    write_metrics(out, result, rows)
     return result

@@ -93,9 +93,47 @@ def test_infer_writes_meshes_pictures_and_metrics(trained, tmp_path):
                        "--no-pictures", "--device", "cpu"]) == 0  # a run folder resolves to its newest checkpoint
     one = json.loads((out1 / "metrics.json").read_text())["images"][0]
     assert one["name"] == frames[3].stem and one["target_points"] == metrics["images"][3]["target_points"]
+    # the point sampling is seeded per image, so its numbers do not depend on the batch it came in (up to the
+    # forward pass's float noise, which can move a sample to a neighbouring face: hence not 1e-5)
+    for k in ("val_chamfer", "val_total", "chamfer"):
+        assert one[k] == pytest.approx(metrics["images"][3][k], rel=2e-2), k
     np.testing.assert_allclose(trimesh.load(out1 / "scenes" / f"{frames[3].stem}.ply", process=False).vertices,
                                mesh.vertices, rtol=1e-4, atol=1e-3)
     assert not (out1 / "pictures").exists()
+
+
+def test_validation_numbers_equal_the_loss_code_on_the_same_image(trained, tmp_path):
+    """metrics.json's val_* are what the trainer's validation computes (proto_depth_loss, loss.samples_per_slot
+    points per slot, the validation split's target draw), on the image alone with sampling seeded by --seed."""
+    import torch
+
+    from protodepth.data import build_datasets
+    from protodepth.inference import FrameDataset, list_inputs
+    from protodepth.loss import proto_depth_loss
+
+    cfg = trained["cfg"]
+    _, val_ds = build_datasets(cfg.data, seed=cfg.train.seed, progress=False)
+    val = val_ds[0]  # a validation frame, drawn as the trainer's validation draws it
+    out = tmp_path / "out"
+    assert infer.main(["--checkpoint", str(trained["ckpt"]), "--input", val["path"], "--output", str(out),
+                       "--no-pictures", "--device", "cpu", "--seed", str(cfg.train.seed)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = metrics["images"][0]
+    sample = FrameDataset(list_inputs(Path(val["path"])), cfg.data, cfg.train.seed)[0]
+    assert torch.equal(sample["cloud"], val["cloud"]) and row["target_points"] == len(val["cloud"])
+    model, _ = infer.load_model(trained["ckpt"], torch.device("cpu"))
+    with torch.no_grad():
+        scene = model(val["image"][None])
+        res = proto_depth_loss(scene.slot_verts, scene.prototypes, model.faces, val["cloud"][None],
+                               torch.tensor([len(val["cloud"])]), cfg.loss,
+                               generator=torch.Generator().manual_seed(cfg.train.seed))
+    for key, term in [("val_chamfer", "chamfer"), ("val_global", "global"), ("val_slot", "slot"),
+                      ("val_repulsion", "repulsion")]:
+        assert row[key] == pytest.approx(float(res.terms[term]), rel=1e-5), key
+    assert row["val_total"] == pytest.approx(float(res.total), rel=1e-5)
+    assert row["pred_to_target"] == pytest.approx(row["val_slot"], rel=1e-5)  # the same points, the same measure
+    assert metrics["samples_per_slot"] == cfg.loss.samples_per_slot
+    assert set(metrics["definitions"]) == set(metrics["mean"])
 
 
 def test_corrupt_png_is_named_or_skipped(trained, tmp_path, capsys):

@@ -1,0 +1,88 @@
+"""DeepSpeed ZeRO-2 under bf16 / fp16 (issue 15 item 2), launched the way users launch it.
+
+DeepSpeed's engine casts the model's parameters to bf16 / fp16 itself (BatchNorm running statistics and the
+other buffers stay fp32) and, unlike DDP, does not autocast: Accelerate's `autocast()` is a no-op under
+DeepSpeed. With fp16, Accelerate asks for DeepSpeed's `auto_cast`, which casts the forward's floating inputs
+to half; with bf16 nothing casts them, so the trainer must feed the engine inputs of its dtype.
+
+On the CPU: DeepSpeed's CPU accelerator always allows bf16; it allows fp16 only where oneDNN has fp16
+kernels (`torch.ops.mkldnn._is_mkldnn_fp16_supported()`, AVX512-FP16 / AMX-FP16 CPUs), and otherwise stops
+at `deepspeed.initialize` with "Type fp16 is not supported on your device.".
+"""
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer_utils import accelerate_bin, override_args, run_script, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+EXT_DIR = str(Path.home() / ".cache" / "torch_extensions")  # DeepSpeed's compiled ops, reused between runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_zero2(overrides: dict, env: dict) -> dict:
+    cmd = [accelerate_bin(), "launch", "--config_file", "accelerate_configs/deepspeed_zero2.yaml",
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "scripts/train.py",
+           *override_args(overrides)]
+    r = run_script(cmd, env_extra={"TORCH_EXTENSIONS_DIR": EXT_DIR, **env}, timeout=500)
+    assert r.returncode == 0, f"launch failed:\nSTDOUT\n{r.stdout[-3000:]}\nSTDERR\n{r.stderr[-6000:]}"
+    return json.loads(Path(overrides["train.output_dir"], "summary.json").read_text())
+
+
+def _check_trained(s: dict, precision: str, steps: int) -> None:
+    assert s["processes"] == 2 and "DEEPSPEED" in s["distributed_type"]
+    assert s["mixed_precision"] == precision
+    assert s["steps"] == steps and [h[0] for h in s["history"]] == list(range(1, steps + 1))
+    assert all(math.isfinite(h[1]) for h in s["history"]), s["history"]
+    assert s["rank_checksums"][0] == s["rank_checksums"][1]
+    # DeepSpeed's own engine checkpoint: one ZeRO optimizer shard per rank
+    assert len(list(Path(s["checkpoint"]).rglob("*optim_states.pt"))) == 2
+
+
+def _cpu_fp16_supported() -> bool:
+    try:  # what DeepSpeed's CPU accelerator asks (deepspeed/accelerator/cpu_accelerator.py)
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
+CPU_PRECISIONS = [
+    "bf16",
+    pytest.param("fp16", marks=pytest.mark.skipif(
+        not _cpu_fp16_supported(), reason="DeepSpeed refuses fp16 on a CPU without oneDNN fp16 kernels")),
+]
+
+
+@pytest.mark.parametrize("precision", CPU_PRECISIONS)
+def test_deepspeed_zero2_trains_under_mixed_precision_on_cpu(tmp_path, precision):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.mixed_precision": precision})
+    s = _launch_zero2(o, {"CUDA_VISIBLE_DEVICES": ""})
+    _check_trained(s, precision, steps=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_deepspeed_zero2_trains_saves_and_resumes_on_two_gpus(tmp_path, precision):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    env = {"NCCL_NVLS_ENABLE": "0", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0,1")}
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 4, "train.ckpt_every": 2, "train.mixed_precision": precision})
+    _check_trained(_launch_zero2({**o, "train.max_steps": 2}, env), precision, steps=2)
+    s = _launch_zero2({**o, "train.resume": "latest"}, env)
+    assert [h[0] for h in s["history"]] == [1, 2, 3, 4]  # history restored from the step-2 checkpoint
+    _check_trained(s, precision, steps=4)

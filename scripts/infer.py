@@ -1,19 +1,24 @@
 #!/usr/bin/env python
-"""Run a trained Proto-Depth checkpoint on depth PNGs: one scene mesh, one picture and the Chamfer distance per image.
+"""Run a trained Proto-Depth checkpoint on depth PNGs: one scene mesh, one picture and the Chamfer numbers per image.
 
-    python scripts/infer.py --checkpoint runs/default/checkpoints/checkpoint-00001000 \\
-        --input /data/SYNTHIA-SF --output runs/default/infer
+    python scripts/infer.py --checkpoint runs/quickstart --input data_cache/synthetic \\
+        --output runs/quickstart/infer
 
---checkpoint: a checkpoint folder written by scripts/train.py (config.yaml + model weights), or a run folder
-              (its newest complete checkpoint is used).
+--checkpoint: a checkpoint folder written by scripts/train.py (config.yaml + model weights, e.g.
+              runs/quickstart/checkpoints/checkpoint-00000300), or a run folder (its newest complete checkpoint).
 --input:      one depth PNG, a folder of PNGs, a DepthLeft folder, or a SYNTHIA-SF root (SEQ*/DepthLeft/*.png).
 --output:     receives scenes/<name>.ply (the K posed slot meshes, slot colours), pictures/<name>.png,
               metrics.json and metrics.csv (per image and the mean over the set).
 
-Metrics per image, on the same target cloud the trainer uses (at most data.points_per_bin points per depth bin,
-a fixed draw) and loss.samples_per_slot points sampled on every slot mesh (fixed seed), squared metres:
-pred_to_target (mean over predicted points of the squared distance to the nearest target point), target_to_pred
-(the other way), chamfer = their sum.
+Metrics per image, on the target cloud the trainer's validation uses (at most data.points_per_bin points per
+depth bin; with --seed equal to the run's train.seed, 0 by default, exactly validation's draw) and
+loss.samples_per_slot points sampled on every slot mesh (seeded by --seed, per image):
+- val_total, val_chamfer, val_global, val_slot, val_repulsion: the trainer's validation loss computed by the same
+  code on the image alone. Their mean over the validation frames is what the trainer logs as val/total,
+  val/chamfer, val/global, val/slot, val/repulsion (up to the random point sampling and mixed precision).
+- pred_to_target (mean over predicted points of the squared distance to the nearest target point, m^2; equal to
+  val_slot), target_to_pred (the other way; val_global averages loss.k_nearest neighbours instead of one), and
+  chamfer = their sum: the symmetric Chamfer distance, which is NOT the validation number.
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding PNGs (default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable PNGs with a warning instead of stopping")
     p.add_argument("--no-pictures", action="store_true", help="write meshes and metrics only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the target draw and the mesh sampling (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the target draw and the mesh sampling (default 0; the run's train.seed gives "
+                        "exactly the validation split's target clouds)")
     p.add_argument("--traceback", action="store_true", help="show the full traceback of a user error")
     a = p.parse_args(argv)
     if a.batch_size < 1:

@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from protodepth.data.config import DataConfig
 from protodepth.data.dataset import DepthDataset, gray_to_rgb, scan_frames
-from protodepth.data.synthia import (BadFrameError, Frame, check_png_header, draw_indices, frame_key, list_frames, process_depth,
-                                     read_depth_png, sample_rng)
+from protodepth.data.synthia import (BadFrameError, Frame, DataNotFoundError, check_png_header, draw_indices,
+                                     frame_key, list_frames, process_depth, read_depth_png, sample_rng)
 from protodepth.data.synthetic import folder_lock, read_meta, replace_folder
-from protodepth.data.synthia import DataNotFoundError
 from protodepth.errors import DataSetupError
 
 CACHE_FORMAT = "protodepth-depth-cache"
@@ -173,9 +172,9 @@ def check_manifest(m: dict, cfg: DataConfig, cache_dir: str) -> None:
     built = m.get("config", {})
     for field, want in cfg.cache_fields().items():
         if built.get(field) != want:
-            raise DataSetupError(f"data.{field}: the config says {want!r} but the preprocessed data {path} was built with "
-                             f"{built.get(field)!r}; rebuild it (python scripts/prepare_data.py with this config) or "
-                             "point data.cache_dir elsewhere")
+            raise DataSetupError(f"data.{field}: the config says {want!r} but the preprocessed data {path} was built "
+                                 f"with {built.get(field)!r}; rebuild it (python scripts/prepare_data.py with this "
+                                 "config) or point data.cache_dir elsewhere")
 
 
 class DepthCache:

@@ -1,10 +1,11 @@
 """Datasets of depth samples, the collate function, and `build_datasets` (the trainer's entry point).
 
 A sample is `{"image": (C, H, W) float32, "cloud": (N_i, 3) float32, "path": str}` with C = data.image_channels
-(3 by default). The random choice of at most `points_per_bin` points per Z bin is redrawn every epoch from a
-generator seeded by (seed, epoch, frame) only, never by worker RNG state, so the same seed gives the same
-batches with any number of DataLoader workers and after a resume. The PNG path (`PngDepthDataset`) and the preprocessed path (`CachedDepthDataset`) see the
-same bin-sorted point lists and draw the same indices, so they return the same samples.
+(3 by default). The choice of at most `points_per_bin` points per Z bin is redrawn every epoch from a hash of
+(seed, epoch, frame, point) only (`draw.py`), never from worker RNG state, so the same seed gives the same
+batches with any number of DataLoader workers, on the device path, and after a resume. The PNG path
+(`PngDepthDataset`) and the preprocessed path (`CachedDepthDataset`) see the same bin-sorted point lists and
+draw the same indices, so they return the same samples.
 """
 from __future__ import annotations
 

@@ -198,7 +198,8 @@ class DeviceBatches:
         src = local + to_device(off[:, 0], dev)[seg]
         cloud = torch.zeros(b * n_max, 3, dtype=torch.float32, device=dev)
         cloud[dest] = t.points[src]
-        image = t.images[to_device(rows, dev)].to(torch.float32).unsqueeze(1).expand(-1, self.channels, -1, -1).contiguous()
+        image = t.images[to_device(rows, dev)].to(torch.float32).unsqueeze(1)
+        image = image.expand(-1, self.channels, -1, -1).contiguous()
         return {"image": image, "cloud": cloud.view(b, n_max, 3),
                 "lengths": to_device(lengths.astype(np.int64), dev),
                 "paths": [t.paths[j] for j in indices]}

@@ -120,7 +120,8 @@ def check_png_header(path: str | os.PathLike) -> tuple[int, int]:
 
 def read_depth_png(path: str | os.PathLike) -> np.ndarray:
     """Read a SYNTHIA depth PNG -> depth in metres (H, W) float64. Raises `BadFrameError` naming the file for
-    a truncated or non-PNG file or a pixel format other than 8-bit RGB; `FrameNotFoundError` (a BadFrameError) if missing."""
+    a truncated or non-PNG file or a pixel format other than 8-bit RGB; `FrameNotFoundError` (a BadFrameError)
+    if missing."""
     check_png_header(path)
     try:
         with Image.open(path) as im:

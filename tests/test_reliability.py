@@ -554,6 +554,24 @@ def _checkpoint_with(t: Path, how: str) -> None:
     f.write_bytes(bytes(rng.randrange(256) for _ in range(f.stat().st_size)))
 
 
+def _nan_weights_checkpoint(t: Path) -> None:
+    """A real checkpoint of one training step whose head weights were then set to NaN, the manifest resealed (as
+    if the NaN had been saved): only the check of the loaded weights can catch it."""
+    from safetensors.torch import load_file, save_file
+
+    from protodepth.config import load_config
+    from protodepth.train import train
+
+    o = tiny_overrides_for_cli(t)
+    o.update({"train.max_steps": 1, "train.ckpt_every": 1})
+    train(load_config(None, o))
+    folder = t / "run" / "checkpoints" / "checkpoint-00000001"
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["head.weight"][0, 0] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    ckpt.write_manifest(folder, 1)
+
+
 def _weights_file(t: Path, what: str) -> None:
     import torchvision
 
@@ -590,6 +608,8 @@ CLI_CASES = {
     "resume-corrupt": ("`--resume` a checkpoint whose weights were overwritten by same-size garbage",
                        lambda t: _checkpoint_with(t, "same_size"), ["--resume", "{t}/run/checkpoints/checkpoint-00000003"],
                        "does not match its manifest"),
+    "resume-nan-weights": ("`--resume` a checkpoint whose weights hold NaN (manifest intact)", _nan_weights_checkpoint,
+                           ["--resume", "{t}/run/checkpoints/checkpoint-00000001"], "head.weight"),
     "resume-other-shape": ("`--resume` a checkpoint trained with another `model.num_slots`",
                            lambda t: _checkpoint_with(t, "other_shape"), ["--resume", "latest"], "model.num_slots=8"),
     "resume-missing": ("`--resume` a folder that does not exist", None, ["--resume", "{t}/nope"], "nope"),
@@ -671,7 +691,7 @@ CLI_CASES = {
 }
 SLOW_CASES = {"png-truncated", "png-all-sky", "nonfinite-output", "weights-garbage", "output-dir-under-file",
               "resume-run-folder", "resume-incomplete", "resume-latest-all-broken", "resume-file", "resume-corrupt",
-              "resume-other-shape", "weights-list", "weights-int-keys", "weights-resnet18"}  # get past the model build
+              "resume-other-shape", "resume-nan-weights", "weights-list", "weights-int-keys", "weights-resnet18"}  # get past the model build
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from protodepth.geometry import (
     mesh_normal_consistency,
     sample_points_from_meshes,
 )
+from protodepth.geometry.sampling import sample_points_from_uniforms
 from protodepth.geometry import host_reads_allowed
 
 
@@ -27,6 +28,28 @@ class SamplingLevel(NamedTuple):
 
     samples_per_slot: int
     max_targets: int | None
+
+
+class LossDraws(NamedTuple):
+    """The loss's random draws given as tensors, all uniform in [0, 1): what lets torch.compile trace the whole
+    loss (no generator in the graph) and an eager and a compiled call draw the same points. Made by `draw_uniforms`."""
+
+    face_u: torch.Tensor  # (B*K, S) picks each sample's face (by inverse cumulative area)
+    bary_uv: torch.Tensor  # (2, B*K, S) places each sample inside its face
+    target_keys: torch.Tensor | None  # (B, N) ranks the target points for the max_targets subset; None: no subset
+
+
+def draw_uniforms(batch: int, slots: int, num_targets: int, level: SamplingLevel, device=None,
+                  generator: torch.Generator | None = None) -> LossDraws:
+    """The draws of one loss evaluation with `level` on a batch of `batch` images of `slots` slots and target
+    clouds padded to `num_targets` points."""
+    m, s = batch * slots, level.samples_per_slot
+    face_u = torch.rand(m, s, device=device, generator=generator)
+    bary_uv = torch.rand(2, m, s, device=device, generator=generator)
+    keys = None
+    if level.max_targets is not None and level.max_targets < num_targets:
+        keys = torch.rand(batch, num_targets, device=device, generator=generator)
+    return LossDraws(face_u, bary_uv, keys)
 
 
 class LossOutput(NamedTuple):
@@ -56,15 +79,21 @@ def hybrid_chamfer(
     cfg: LossConfig,
     samples_per_slot: int,
     generator: torch.Generator | None = None,
+    draws: LossDraws | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Chamfer part of the loss, with S = samples_per_slot points drawn on each slot.
+    """Chamfer part of the loss, with S = samples_per_slot points drawn on each slot (from `draws` when given,
+    else with `generator`).
 
     slot_verts (B, K, V, 3), faces (F, 3), target (B, N, 3) zero-padded with lengths (B,).
     Returns (chamfer (), {global, slot, repulsion} each (), pred (B, K, S, 3)).
     """
     B, K, V, _ = slot_verts.shape
     S = samples_per_slot
-    pred = sample_points_from_meshes(slot_verts.reshape(B * K, V, 3), faces, S, generator=generator)
+    flat_verts = slot_verts.reshape(B * K, V, 3)
+    if draws is None:
+        pred = sample_points_from_meshes(flat_verts, faces, S, generator=generator)
+    else:
+        pred = sample_points_from_uniforms(flat_verts, faces, draws.face_u, draws.bary_uv)
     pred = pred.view(B, K, S, 3)
     pred_flat = pred.reshape(B, K * S, 3)
 
@@ -94,14 +123,17 @@ def prototype_regularisers(prototypes: torch.Tensor, faces: torch.Tensor, cfg: L
 
 
 def subsample_targets(target: torch.Tensor, lengths: torch.Tensor, n: int,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A uniform random subset of at most n valid points per cloud: (B, N, 3), (B,) -> (B, min(n, N), 3), (B,).
 
-    Returns the inputs unchanged when every cloud already has <= n points."""
+    keys (B, N) uniform in [0, 1) rank the points (the n smallest valid ones are kept); None: drawn here with
+    `generator`. Returns the inputs unchanged when every cloud already has <= n points."""
     B, N, _ = target.shape
     if n >= N:
         return target, lengths
-    keys = torch.rand(B, N, device=target.device, generator=generator)
+    if keys is None:
+        keys = torch.rand(B, N, device=target.device, generator=generator)
     keys = keys.masked_fill(torch.arange(N, device=target.device)[None] >= lengths[:, None], 2.0)  # padding last
     idx = keys.topk(n, dim=1, largest=False, sorted=False).indices  # (B, n)
     new_len = lengths.clamp(max=n)
@@ -122,11 +154,15 @@ def proto_depth_loss(
     cfg: LossConfig,
     level: SamplingLevel | None = None,
     generator: torch.Generator | None = None,
+    draws: LossDraws | None = None,
 ) -> LossOutput:
     """Total loss = w_chamfer * hybrid Chamfer + w_edge * edge + w_normal * normal + w_laplacian * laplacian.
 
     slot_verts (B, K, V, 3), prototypes (P, V, 3), faces (F, 3), target (B, N, 3), lengths (B,).
     level: the sampling level of this step (progressive sampling); None = SamplingLevel(cfg.samples_per_slot, None).
+    generator: for the random draws (samples on the slots, the target subset). draws: those draws given as
+    tensors instead (`draw_uniforms(B, K, N, level)`), the form that `torch.compile(fullgraph=True)` traces;
+    the samples then differ from the generator's for the same seed (faces picked by inverse cumulative area).
     """
     if level is None:
         level = SamplingLevel(cfg.samples_per_slot, None)
@@ -139,9 +175,10 @@ def proto_depth_loss(
     with torch.autocast(device_type=slot_verts.device.type, enabled=False):
         slot_verts, prototypes, target = slot_verts.float(), prototypes.float(), target.float()
         if level.max_targets is not None:
-            target, lengths = subsample_targets(target, lengths, level.max_targets, generator)
+            keys = None if draws is None else draws.target_keys
+            target, lengths = subsample_targets(target, lengths, level.max_targets, generator, keys)
         chamfer, terms, pred = hybrid_chamfer(slot_verts, faces, target, lengths, cfg, level.samples_per_slot,
-                                              generator)
+                                              generator, draws)
         reg = prototype_regularisers(prototypes, faces, cfg)
         total = (
             cfg.w_chamfer * chamfer

@@ -192,6 +192,19 @@ _INTERP_SCRIPT = textwrap.dedent(
     fin = torch.isfinite(b.grad).all(-1)
     out["nonfinite"] = dict(nan_only_at_hit=bool(torch.equal(~fin, hit)),
                             rel_rest=float((b.grad[fin].double() - r2[fin]).norm() / r2[fin].norm()))
+    # the CUDA kernels of the protodepth::knn_points custom op (what torch.compile runs on a GPU), here on CPU
+    # tensors, against the op's CPU kernel
+    from protodepth.geometry import custom_ops as co
+    p1 = torch.randn(2, 37, 3); p2 = torch.randn(2, 53, 3)
+    d, i = co._knn_points_cuda(p1, p2, l1, l2, 3, 2)
+    rd, ri = torch.ops.protodepth.knn_points(p1, p2, l1, l2, 3, 2)
+    w = torch.linspace(-1, 2, d.numel()).reshape(d.shape)
+    g1, g2 = co._knn_points_backward_cuda(p1, p2, l1, l2, i, w, 2, True, True)
+    r1, r2 = torch.ops.protodepth.knn_points_backward(p1, p2, l1, l2, ri, w, 2, True, True)
+    e1, e2 = co._knn_points_backward_cuda(p1, p2, l1, l2, i, w, 2, False, True)
+    out["customop"] = dict(idx_equal=bool(torch.equal(i, ri)), max_abs=float((d - rd).abs().max()),
+                           rel1=float((g1 - r1).norm() / r1.norm()), rel2=float((g2 - r2).norm() / r2.norm()),
+                           unwanted_empty=e1.shape == (0,) and torch.equal(e2, g2))
     out["seconds"] = time.time() - t0
     print("seconds", out["seconds"], file=sys.stderr)
     print("JSON" + json.dumps(out))
@@ -251,6 +264,14 @@ def test_interpreter_backward_only_requested_gradients(interp_report):
         r = interp_report[f"onlygrad/{which}"]
         assert r["other_none"], f"{which}: the cloud without requires_grad got a gradient"
         assert r["rel"] < 1e-6, f"{which}: {r}"
+
+
+@needs_triton
+def test_interpreter_custom_op_cuda_kernels_match_its_cpu_kernel(interp_report):
+    r = interp_report["customop"]
+    assert r["idx_equal"] and r["max_abs"] < 1e-6, r
+    assert r["rel1"] < 1e-6 and r["rel2"] < 1e-6, r
+    assert r["unwanted_empty"], r
 
 
 @needs_triton

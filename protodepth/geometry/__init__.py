@@ -9,6 +9,7 @@ from .knn import KNN, knn_gather, knn_points
 from .mesh_losses import mesh_edge_loss, mesh_laplacian_smoothing, mesh_normal_consistency
 from .rotations import euler_angles_to_matrix, matrix_to_euler_angles
 from .sampling import points_from_barycentrics, sample_points_from_meshes
+from . import custom_ops  # noqa: F401  (registers the protodepth:: custom ops)
 
 __all__ = [
     "capture_mode",

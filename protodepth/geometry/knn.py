@@ -322,6 +322,32 @@ def _knn_forward(p1, p2, lengths1, lengths2, K: int, norm: int):
     return dists, idx
 
 
+def _knn_backward_torch(p1, p2, lengths1, lengths2, idx, grad_dists, norm: int, want_p1: bool, want_p2: bool):
+    """(grad_p1 (N, P1, D) or None, grad_p2 (N, P2, D) or None) in the inputs' dtypes, only those wanted."""
+    n, P1, K = idx.shape
+    ct = _compute_dtype(p1.dtype)
+    a, b = p1.to(ct), p2.to(ct)
+    g = grad_dists.to(ct)
+    valid = (torch.arange(K, device=idx.device)[None, None, :] < lengths2[:, None, None]) & (
+        torch.arange(P1, device=idx.device)[None, :, None] < lengths1[:, None, None])
+    g = g * valid  # padded slots are constant zeros: no gradient
+    diff = a[:, :, None, :] - knn_gather(b, idx)  # (N, P1, K, D)
+    if norm == 2:
+        contrib = 2.0 * g[..., None] * diff
+    else:
+        # PyTorch3D's subgradient: +1 where p1 > p2, else -1 (also at equality)
+        contrib = g[..., None] * torch.where(diff > 0, 1.0, -1.0).to(ct)
+    grad_p1 = grad_p2 = None
+    if want_p1:
+        grad_p1 = contrib.sum(2).to(p1.dtype)
+    if want_p2:
+        D = p2.shape[2]
+        grad_p2 = torch.zeros(b.shape, dtype=ct, device=b.device)
+        grad_p2.scatter_add_(1, idx.reshape(n, P1 * K, 1).expand(-1, -1, D), -contrib.reshape(n, P1 * K, D))
+        grad_p2 = grad_p2.to(p2.dtype)
+    return grad_p1, grad_p2
+
+
 class _KnnPointsTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p1, p2, lengths1, lengths2, K, norm):
@@ -335,34 +361,11 @@ class _KnnPointsTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_dists, grad_idx):
-        with torch.autocast(device_type=grad_dists.device.type, enabled=False):
-            return _KnnPointsTorch._backward(ctx, grad_dists)
-
-    @staticmethod
-    def _backward(ctx, grad_dists):
         p1, p2, lengths1, lengths2, idx = ctx.saved_tensors
-        n, P1, K = idx.shape
-        ct = _compute_dtype(p1.dtype)
-        a, b = p1.to(ct), p2.to(ct)
-        g = grad_dists.to(ct)
-        valid = (torch.arange(K, device=idx.device)[None, None, :] < lengths2[:, None, None]) & (
-            torch.arange(P1, device=idx.device)[None, :, None] < lengths1[:, None, None])
-        g = g * valid  # padded slots are constant zeros: no gradient
-        diff = a[:, :, None, :] - knn_gather(b, idx)  # (N, P1, K, D)
-        if ctx.norm == 2:
-            contrib = 2.0 * g[..., None] * diff
-        else:
-            # PyTorch3D's subgradient: +1 where p1 > p2, else -1 (also at equality)
-            contrib = g[..., None] * torch.where(diff > 0, 1.0, -1.0).to(ct)
-        grad_p1 = grad_p2 = None
-        if ctx.needs_input_grad[0]:
-            grad_p1 = contrib.sum(2).to(p1.dtype)
-        if ctx.needs_input_grad[1]:
-            D = p2.shape[2]
-            grad_p2 = torch.zeros(b.shape, dtype=ct, device=b.device)
-            grad_p2.scatter_add_(1, idx.reshape(n, P1 * K, 1).expand(-1, -1, D), -contrib.reshape(n, P1 * K, D))
-            grad_p2 = grad_p2.to(p2.dtype)
-        return grad_p1, grad_p2, None, None, None, None
+        with torch.autocast(device_type=grad_dists.device.type, enabled=False):
+            g1, g2 = _knn_backward_torch(p1, p2, lengths1, lengths2, idx, grad_dists, ctx.norm,
+                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return g1, g2, None, None, None, None
 
 
 def _knn_points_torch(p1, p2, lengths1, lengths2, K: int, norm: int):
@@ -408,7 +411,10 @@ def knn_points(
     lengths1 = fill_lengths("lengths1", lengths1, n, p1.shape[1], p1.device)
     lengths2 = fill_lengths("lengths2", lengths2, n, p2.shape[1], p1.device)
     p1, p2 = p1.contiguous(), p2.contiguous()
-    if p1.is_cuda and _use_triton():
+    if torch.compiler.is_compiling():
+        # torch.compile traces the custom op (knn_ops.py), whose CUDA kernel is the same Triton kernel
+        dists, idx = torch.ops.protodepth.knn_points(p1, p2, lengths1, lengths2, K, norm)
+    elif p1.is_cuda and _use_triton():
         from .knn_triton import knn_points_triton
 
         dists, idx = knn_points_triton(p1, p2, lengths1, lengths2, K, norm)

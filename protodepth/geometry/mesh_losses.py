@@ -141,6 +141,26 @@ def _empty_loss(verts: torch.Tensor) -> torch.Tensor:
     return zero.requires_grad_()
 
 
+def _dispatch(verts, faces, kind: str, target_length: float) -> torch.Tensor:
+    """Validate, answer an empty batch, then evaluate the loss `kind`: directly, or through the custom op
+    `protodepth::mesh_loss` while torch.compile traces (the topology cache can't be traced)."""
+    check_mesh(verts, faces, check_index_range=False)
+    if mesh_is_empty(verts, faces):
+        return _empty_loss(verts)
+    if torch.compiler.is_compiling():
+        return torch.ops.protodepth.mesh_loss(verts, faces, kind, target_length)
+    return eager_mesh_loss(verts, faces, kind, target_length)
+
+
+def eager_mesh_loss(verts: torch.Tensor, faces: torch.Tensor, kind: str, target_length: float) -> torch.Tensor:
+    """The loss `kind` ("edge", "normal", or a Laplacian method) of a validated, non-empty batch -> ()."""
+    if kind == "edge":
+        return _edge_loss(verts, faces, target_length)
+    if kind == "normal":
+        return _normal_consistency(verts, faces)
+    return _laplacian_smoothing(verts, faces, kind)
+
+
 def _per_mesh_mean(values: torch.Tensor, mesh_id: torch.Tensor, counts: torch.Tensor, num_meshes: int) -> torch.Tensor:
     """values (R, X) with element meshes mesh_id (X,) -> () sum_x values / count[mesh] / num_meshes.
 
@@ -157,9 +177,10 @@ def mesh_edge_loss(verts: torch.Tensor, faces: torch.Tensor, target_length: floa
     verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss, differentiable in verts ((1,) zero when
     the batch is empty).
     """
-    check_mesh(verts, faces, check_index_range=False)
-    if mesh_is_empty(verts, faces):
-        return _empty_loss(verts)
+    return _dispatch(verts, faces, "edge", float(target_length))
+
+
+def _edge_loss(verts: torch.Tensor, faces: torch.Tensor, target_length: float) -> torch.Tensor:
     v, topo = _prepare(verts, faces)
     e0, e1 = topo.edges.unbind(1)
     lengths = (v[:, e0] - v[:, e1]).norm(dim=-1, p=2)  # (R, E)
@@ -176,9 +197,10 @@ def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.T
     verts (M, V, 3), faces (F, 3) or (M, F, 3) int64 -> () loss, differentiable in verts ((1,) zero when
     the batch is empty).
     """
-    check_mesh(verts, faces, check_index_range=False)
-    if mesh_is_empty(verts, faces):
-        return _empty_loss(verts)
+    return _dispatch(verts, faces, "normal", 0.0)
+
+
+def _normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     v, topo = _prepare(verts, faces)
     if topo.nc_pairs.shape[0] == 0:
         return verts.sum() * 0.0  # no shared edge anywhere: zero that still has a graph
@@ -207,9 +229,10 @@ def mesh_laplacian_smoothing(verts: torch.Tensor, faces: torch.Tensor, method: s
     """
     if method not in ("uniform", "cot", "cotcurv"):
         raise ValueError(f"method: expected one of ['uniform', 'cot', 'cotcurv'], got {method!r}")
-    check_mesh(verts, faces, check_index_range=False)
-    if mesh_is_empty(verts, faces):
-        return _empty_loss(verts)
+    return _dispatch(verts, faces, method, 0.0)
+
+
+def _laplacian_smoothing(verts: torch.Tensor, faces: torch.Tensor, method: str) -> torch.Tensor:
     v, topo = _prepare(verts, faces)
     r, nv = v.shape[0], v.shape[1]
     if method == "uniform":

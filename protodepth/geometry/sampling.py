@@ -75,29 +75,69 @@ def sample_points_from_meshes(
     Returns:
         points (M, S, 3) alone, or a tuple (points, [normals (M, S, 3)], [face_idx, bary]).
     """
+    _check_sampling_input(verts, faces, num_samples)
+    m = verts.shape[0]
+    with torch.no_grad():
+        areas = _face_weights(verts, faces)
+        face_idx = torch.multinomial(areas, num_samples, replacement=True, generator=generator)  # (M, S)
+        uv = torch.rand(2, m, num_samples, dtype=verts.dtype, device=verts.device, generator=generator)
+    return _points_on_faces(verts, faces, face_idx, uv, return_normals, return_face_info)
+
+
+def sample_points_from_uniforms(verts: torch.Tensor, faces: torch.Tensor, face_u: torch.Tensor,
+                                uv: torch.Tensor) -> torch.Tensor:
+    """sample_points_from_meshes with the random draws given as tensors (no generator): what torch.compile
+    can trace, and what makes two runs (eager and compiled) draw the same points.
+
+    face_u (M, S) uniform in [0, 1) picks each sample's face by inverting the cumulative area (area-weighted
+    like multinomial, but not the same faces for the same generator); uv (2, M, S) uniform in [0, 1) places
+    the point inside its face as in sample_points_from_meshes. verts (M, V, 3), faces (F, 3) or (M, F, 3)
+    -> points (M, S, 3), differentiable in verts. Degenerate meshes as in sample_points_from_meshes.
+    """
+    m, s = face_u.shape
+    _check_sampling_input(verts, faces, s)
+    if m != verts.shape[0] or uv.shape != (2, m, s):
+        raise ValueError(f"face_u, uv: expected shapes ({verts.shape[0]}, S) and (2, {verts.shape[0]}, S), "
+                         f"got {tuple(face_u.shape)} and {tuple(uv.shape)}")
+    with torch.no_grad():
+        cdf = torch.cumsum(_face_weights(verts, faces), dim=1)  # (M, F)
+        # right=True: the first face whose cumulative area exceeds the draw, so zero-area faces are never picked
+        face_idx = torch.searchsorted(cdf, face_u.to(cdf.dtype) * cdf[:, -1:], right=True)
+        face_idx = face_idx.clamp_(max=cdf.shape[1] - 1)  # a draw rounding up to the total
+    return _points_on_faces(verts, faces, face_idx, uv.to(verts.dtype), False, False)
+
+
+def _check_sampling_input(verts, faces, num_samples) -> None:
     check_mesh_cached(verts, faces)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
-    m = verts.shape[0]
     if mesh_is_empty(verts, faces):
-        raise ValueError(f"verts, faces: Meshes are empty. (M = {m} meshes of F = {faces.shape[-2]} faces)")
+        raise ValueError(f"verts, faces: Meshes are empty. (M = {verts.shape[0]} meshes of F = {faces.shape[-2]} "
+                         f"faces)")
+
+
+def _face_weights(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Face areas (M, F) in fp32 to draw faces by, after the degenerate-mesh rule of sample_points_from_meshes'
+    docstring (a raise eagerly, uniform weights without host reads)."""
+    vd = verts.detach()
+    areas = face_areas(vd.float(), faces)  # half inputs accumulate in fp32
+    total = areas.sum(1)
+    if not host_reads_allowed():
+        ok = (torch.isfinite(total) & (total > 0))[:, None]
+        return torch.where(ok, areas, torch.ones_like(areas))
+    # one host read for both checks: non-finite vertices, and meshes whose faces have no area (multinomial
+    # would fail on them with an unhelpful message)
+    if not bool(torch.isfinite(total).all() & (total > 0).all() & torch.isfinite(vd).all()):
+        if not bool(torch.isfinite(vd).all()):
+            raise ValueError("verts: Meshes contain nan or inf.")
+        bad = (total <= 0).nonzero().flatten().tolist()[:8]
+        raise ValueError(f"faces: meshes {bad} have zero total area, cannot sample points on them")
+    return areas
+
+
+def _points_on_faces(verts, faces, face_idx, uv, return_normals: bool, return_face_info: bool):
+    """Points at uniform draws uv (2, M, S) inside faces face_idx (M, S) -> what sample_points_from_meshes returns."""
     with torch.no_grad():
-        vd = verts.detach()
-        # one host read for both checks: non-finite vertices, and meshes whose faces have no area
-        # (multinomial would fail on them with an unhelpful message)
-        areas = face_areas(vd.float(), faces)  # (M, F), accumulated in fp32 for half inputs
-        total = areas.sum(1)
-        if not host_reads_allowed():
-            # no host reads (see the docstring): degenerate meshes get uniform face weights
-            ok = (torch.isfinite(total) & (total > 0))[:, None]
-            areas = torch.where(ok, areas, torch.ones_like(areas))
-        elif not bool(torch.isfinite(total).all() & (total > 0).all() & torch.isfinite(vd).all()):
-            if not bool(torch.isfinite(vd).all()):
-                raise ValueError("verts: Meshes contain nan or inf.")
-            bad = (total <= 0).nonzero().flatten().tolist()[:8]
-            raise ValueError(f"faces: meshes {bad} have zero total area, cannot sample points on them")
-        face_idx = torch.multinomial(areas, num_samples, replacement=True, generator=generator)  # (M, S)
-        uv = torch.rand(2, m, num_samples, dtype=verts.dtype, device=verts.device, generator=generator)
         u_sqrt = uv[0].sqrt()
         bary = torch.stack([1.0 - u_sqrt, u_sqrt * (1.0 - uv[1]), u_sqrt * uv[1]], dim=-1)  # (M, S, 3)
     fv = _gather_face_verts(verts, faces, face_idx)  # (M, S, 3, 3)

@@ -103,7 +103,10 @@ class FlatGrads:
     def attach(self) -> None:
         """Point every parameter's `.grad` at its view again (after something set it to None or replaced it)."""
         for p, v in zip(self.params, self._views):
-            p.grad = v
+            # the identity test first: the .grad setter's checks cost ~2 us per parameter (0.3 ms for ResNet-50's
+            # 161 on a CPU), which a host-bound step would pay every iteration
+            if p.grad is not v:
+                p.grad = v
 
     def zero_(self) -> None:
         """Zero all gradients (one fill per buffer) and re-attach the views."""

@@ -412,7 +412,7 @@ def knn_points(
     lengths2 = fill_lengths("lengths2", lengths2, n, p2.shape[1], p1.device)
     p1, p2 = p1.contiguous(), p2.contiguous()
     if torch.compiler.is_compiling():
-        # torch.compile traces the custom op (knn_ops.py), whose CUDA kernel is the same Triton kernel
+        # torch.compile traces the custom op (custom_ops.py), whose CUDA kernel is the same Triton kernel
         dists, idx = torch.ops.protodepth.knn_points(p1, p2, lengths1, lengths2, K, norm)
     elif p1.is_cuda and _use_triton():
         from .knn_triton import knn_points_triton

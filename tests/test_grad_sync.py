@@ -167,3 +167,38 @@ def test_non_dense_parameter_is_refused():
     p = nn.Parameter(torch.zeros(4, 6)[:, ::2])
     with pytest.raises(ValueError, match="not dense"):
         FlatGrads([p])
+
+
+@pytest.mark.cuda
+def test_graphed_backward_writes_into_the_flat_buffer():
+    """The reason FlatGrads exists: a backward captured in a CUDA graph accumulates into the buffer's views,
+    so every replay leaves this step's gradients where all_reduce_mean_ reads them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    model = Net().cuda()
+    grads = FlatGrads(model.parameters())
+    static_x = _batch(0, 0).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up on a side stream, as capture requires
+        for _ in range(3):
+            grads.zero_()
+            _loss(model, static_x).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    grads.zero_()
+    with torch.cuda.graph(graph):
+        _loss(model, static_x).backward()
+
+    x = _batch(0, 1).cuda()
+    static_x.copy_(x)
+    grads.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    graphed = [p.grad.clone() for p in model.parameters()]
+    assert all(row["inside"] and row["grad_stride"] == row["param_stride"] for row in _view_report(grads))
+    grads.zero_()
+    _loss(model, x).backward()
+    for g, p in zip(graphed, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)

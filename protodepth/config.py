@@ -183,15 +183,6 @@ class TrainConfig:
         require(self.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 second")
         require(isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto", "train.cuda_graphs",
                f"got {self.cuda_graphs!r}, expected true, false or 'auto'")
-        if self.cuda_graphs is True:
-            require(self.grad_accum == 1, "train.cuda_graphs",
-                   f"needs train.grad_accum=1 (got {self.grad_accum}): a captured backward assigns gradients, it cannot "
-                   "add to them; raise train.batch_size instead, or set train.cuda_graphs=false")
-            require(self.mixed_precision != "fp16", "train.cuda_graphs",
-                   "does not work with fp16's grad scaler; use train.mixed_precision=bf16 (or no), or set "
-                   "train.cuda_graphs=false")
-            require(not self.compile, "train.cuda_graphs",
-                   "and train.compile are two ways to cut launch overhead; choose one (set the other to false)")
 
 
 @dataclass
@@ -204,6 +195,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.train.cuda_graphs is True:  # the config's share of the rule; the run checks the rest (GPU, ...)
+            from protodepth.cuda_graphs import config_blocker
+
+            why = config_blocker(self)
+            require(why is None, "train.cuda_graphs", f"{why}; set train.cuda_graphs=false (or auto)")
         # The global term asks every target point for its loss.k_nearest nearest predicted points; with fewer
         # points than that, the nearest-neighbour search pads with dummies and the loss is silently wrong.
         K, S = self.model.num_slots, self.loss.samples_per_slot

@@ -8,8 +8,8 @@ What a graph needs, and how this module provides it:
   data can give (`max_points`), and `lengths` says which points are real. The padding changes no result except
   one: while progressive sampling caps the targets, the random subset drawn from a padded cloud differs from the
   eager step's. Each mode is deterministic on its own.
-- No host reads during capture. The geometry's value checks skip themselves while a capture runs
-  (`geometry._checks.capturing`). They run in the eager warm-up steps, and the trainer checks every step's loss and
+- No host reads during capture. The capture runs inside `protodepth.geometry.capture_mode()`, in which the
+  geometry's value checks that would read device values skip themselves. They run in the eager warm-up steps, and the trainer checks every step's loss and
   gradient norm for non-finite values after the replay.
 - Random numbers. The point-sampling generator is registered with every graph. Re-seeding it before a replay gives
   the draws an eager step with that seed would make.
@@ -21,9 +21,10 @@ What a graph needs, and how this module provides it:
 - Cached geometry. The captured mesh losses read the cached topology tensors by address; the object keeps
   references to them, so that a cache eviction cannot free memory a replay still reads.
 
-Limits: one process (no DDP/DeepSpeed: their collectives would have to be captured too), no gradient accumulation
-(a captured backward assigns gradients instead of adding to them), and no fp16 grad scaler. `train.py` checks these
-limits and names the field to change.
+Data parallel: DDP's reducer hooks do not run inside a replay, so several processes use `keep_grads` with
+`protodepth.grad_sync.FlatGrads`: the replay writes every gradient into one flat buffer, which the trainer
+all-reduces after the replay. Limits: no DeepSpeed (its engine owns backward and step), no gradient
+accumulation, no fp16 grad scaler; `blocker()` below is the one place that says which runs can use graphs.
 """
 from __future__ import annotations
 
@@ -51,13 +52,17 @@ class GraphedStep:
     """
 
     def __init__(self, step_fn: Callable, params: list[torch.nn.Parameter], generator: torch.Generator,
-                 max_points: int, warmup: int = 2):
+                 max_points: int, warmup: int = 2, keep_grads: bool = False):
         if generator.device.type != "cuda":
             raise ValueError(f"generator: CUDA graphs need a CUDA generator, got one on {generator.device}")
         if max_points < 1:
             raise ValueError(f"max_points: expected >= 1, got {max_points}")
         self.step_fn, self.params, self.gen = step_fn, list(params), generator
         self.max_points, self.warmup = max_points, warmup
+        # keep_grads: every p.grad is a view into one flat buffer that the caller zeroes and all-reduces
+        # (FlatGrads, data parallel): the captured backward accumulates into those views, and a replay writes
+        # them in place; otherwise each graph's backward allocates its own static .grad tensors.
+        self.keep_grads = keep_grads
         self.graphs: dict[tuple, _Captured] = {}
         self.eager_calls: dict[tuple, int] = {}
         self.pool = None
@@ -98,8 +103,9 @@ class GraphedStep:
     def __call__(self, image: torch.Tensor, cloud: torch.Tensor, lengths: torch.Tensor, key: tuple, seed: int):
         """One micro-step on this batch; returns step_fn's outputs (static tensors, valid until the next call)."""
         self._load(image, cloud, lengths)
-        for p in self.params:
-            p.grad = None
+        if not self.keep_grads:
+            for p in self.params:
+                p.grad = None
         captured = self.graphs.get(key)
         if captured is None and self.eager_calls.get(key, 0) < self.warmup:
             # Warm-up on a side stream, as the CUDA-graph docs ask: cuDNN autotuning, Triton compilation and
@@ -115,11 +121,13 @@ class GraphedStep:
             captured = self._capture(key, seed)
         self.gen.manual_seed(seed)
         captured.graph.replay()
-        for p, g in zip(self.params, captured.grads):
-            p.grad = g
+        if not self.keep_grads:
+            for p, g in zip(self.params, captured.grads):
+                p.grad = g
         return captured.outputs
 
     def _capture(self, key: tuple, seed: int) -> _Captured:
+        from protodepth.geometry import capture_mode
         from protodepth.geometry.mesh_losses import cached_topologies
 
         self.graphs.clear()  # a new level: the earlier ones are not replayed again (their memory goes to the pool)
@@ -130,7 +138,7 @@ class GraphedStep:
         self.gen.manual_seed(seed)
         # thread_local: the DataLoader's pin-memory thread may allocate pinned memory while we capture
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), capture_mode():
                 outputs = self._run(key)
         except RuntimeError as e:
             # e.g. an op that reads a device value on the host; say how to keep training meanwhile
@@ -143,3 +151,37 @@ class GraphedStep:
         self.graphs[key] = captured
         self.keep_alive = cached_topologies()
         return captured
+
+
+def config_blocker(cfg) -> str | None:
+    """Why the config alone rules out CUDA graphs (None: it allows them). Config validation (`true`) and the
+    runtime (`auto`, through `blocker`) both ask here, so each reason has one wording."""
+    t = cfg.train
+    if t.grad_accum > 1:
+        return "needs train.grad_accum=1: a captured backward assigns gradients, it cannot add to them"
+    if t.mixed_precision == "fp16":
+        return "does not work with fp16's grad scaler; bf16 does"
+    if t.compile:
+        return "is not combined with train.compile (both cut launch overhead; choose one)"
+    if cfg.progressive.shape in ("linear", "cosine"):
+        # every new (samples, targets) pair is a new capture with its own memory: plateaus only
+        return (f"progressive.shape={cfg.progressive.shape} changes the point counts every step; "
+                "progressive.shape=step (num_levels plateaus, one graph each) works with graphs")
+    return None
+
+
+def blocker(cfg, device: torch.device, deepspeed: bool) -> str | None:
+    """Why this run cannot replay its step from CUDA graphs (None: it can)."""
+    if device.type != "cuda":
+        return f"needs a CUDA GPU, this run is on {device}"
+    if deepspeed:
+        return "does not run under DeepSpeed: its engine owns the backward and the optimizer step"
+    why = config_blocker(cfg)
+    if why:
+        return why
+    from protodepth.geometry.knn import _use_triton
+
+    if not _use_triton():
+        return ("needs the Triton KNN (PROTODEPTH_DISABLE_TRITON is set or triton is missing); its torch "
+                "fallback copies values to the GPU on every call, which a capture does not allow")
+    return None

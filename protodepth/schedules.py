@@ -60,3 +60,24 @@ class Ramp:
             f = 0.5 * (1 - math.cos(math.pi * t))
         f = min(1.0, f)
         return int(round(self.start + (self.end - self.start) * f))
+
+
+class SamplingSchedule:
+    """The sampling level at every optimizer step: few points early, all later (`progressive` config).
+
+    level(step) -> SamplingLevel(samples_per_slot, max_targets), max_targets None once the whole cloud
+    (data.num_bins x data.points_per_bin, the largest the data can give) is used."""
+
+    def __init__(self, cfg):
+        from protodepth.loss import SamplingLevel
+
+        self._level = SamplingLevel
+        pg, spl = cfg.progressive, cfg.loss.samples_per_slot
+        self.full_targets = cfg.data.num_bins * cfg.data.points_per_bin
+        self.samples = Ramp(min(pg.samples_start, spl), spl, pg.steps, pg.shape, pg.num_levels)
+        self.targets = Ramp(min(pg.targets_start, self.full_targets), self.full_targets, pg.steps, pg.shape,
+                            pg.num_levels)
+
+    def __call__(self, step: int):
+        n = self.targets(step)
+        return self._level(self.samples(step), n if n < self.full_targets else None)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from protodepth.config import ConfigError, LossConfig, ModelConfig
+from protodepth.loss import SamplingLevel
 from protodepth.train import train
 from trainer_utils import tiny_config
 
@@ -30,7 +31,7 @@ def fresh_accelerate_state():
 def test_cuda_graphs_refuses_settings_it_cannot_capture(tmp_path, field, value, needle):
     with pytest.raises(ConfigError, match="train.cuda_graphs") as e:
         tiny_config(tmp_path, **{"train.cuda_graphs": True, field: value})
-    assert needle in str(e.value)
+    assert needle in str(e.value) and "train.cuda_graphs=false" in str(e.value)
 
 
 def test_cuda_graphs_value_must_be_true_false_or_auto(tmp_path):
@@ -57,23 +58,23 @@ def test_cuda_graphs_auto_stays_off_without_a_gpu(tmp_path):
     ({"train.compile": True}, "compile"),
     ({"progressive.shape": "linear", "progressive.steps": 10}, "progressive.shape=step"),
 ])
-def test_cuda_graphs_blocker_names_the_reason(tmp_path, monkeypatch, extra, needle):
+def test_cuda_graphs_blocker_names_the_reason_in_the_config_words(tmp_path, monkeypatch, extra, needle):
     import protodepth.geometry.knn as knn
-    from protodepth.train import cuda_graphs_blocker
+    from protodepth.cuda_graphs import blocker, config_blocker
 
     monkeypatch.setattr(knn, "_use_triton", lambda: True)  # as on a CUDA machine, whatever this one has
-
     cfg = tiny_config(tmp_path, **extra)
-    assert needle in cuda_graphs_blocker(cfg, torch.device("cuda"), 1, False)
-    assert "process" in cuda_graphs_blocker(tiny_config(tmp_path), torch.device("cuda"), 2, False)
-    assert cuda_graphs_blocker(tiny_config(tmp_path), torch.device("cuda"), 1, False) is None
+    assert needle in blocker(cfg, torch.device("cuda"), deepspeed=False)
+    assert blocker(cfg, torch.device("cuda"), deepspeed=False) == config_blocker(cfg)  # one wording
+    assert "DeepSpeed" in blocker(tiny_config(tmp_path), torch.device("cuda"), deepspeed=True)
+    assert blocker(tiny_config(tmp_path), torch.device("cuda"), deepspeed=False) is None  # DDP is allowed
 
 
 def test_cuda_graphs_blocker_needs_the_triton_knn(tmp_path, monkeypatch):
-    from protodepth.train import cuda_graphs_blocker
+    from protodepth.cuda_graphs import blocker
 
     monkeypatch.setenv("PROTODEPTH_DISABLE_TRITON", "1")  # the torch fallback copies to the GPU: not capturable
-    assert "Triton" in cuda_graphs_blocker(tiny_config(tmp_path), torch.device("cuda"), 1, False)
+    assert "Triton" in blocker(tiny_config(tmp_path), torch.device("cuda"), deepspeed=False)
 
 
 # ------------------------------------------------------------------------------------------------- GPU only
@@ -92,14 +93,20 @@ def _small_problem(seed=0):
     return model, image, cloud, lengths
 
 
-def _step_fn(model, cfg):
-    from protodepth.loss import SamplingLevel, proto_depth_loss
+def _step_fn(model, loss_cfg):
+    """The trainer's own forward + loss (TrainStep.forward_loss) around `model`, as GraphedStep calls it; its
+    outputs reduced to the loss, which the tests compare."""
+    from accelerate import Accelerator
+
+    from protodepth.config import Config
+    from protodepth.training.step import TrainStep
+
+    opt = torch.optim.Adam(model.parameters())
+    step = TrainStep(Config(loss=loss_cfg), Accelerator(), model, opt, model.faces.cuda())
 
     def fn(image, cloud, lengths, key, gen):
-        scene = model(image)
-        res = proto_depth_loss(scene.slot_verts, scene.prototypes, model.faces, cloud, lengths, cfg,
-                               SamplingLevel(*key), generator=gen)
-        return res.total.detach(), res.total
+        (_, res), total = step.forward_loss(image, cloud, lengths, SamplingLevel(*key), gen)
+        return res.total.detach(), total
     return fn
 
 
@@ -213,7 +220,7 @@ def test_deferred_finite_check_on_the_gpu_skips_or_stops_at_the_right_step(tmp_p
     from safetensors.torch import load_file
 
     from protodepth import checkpoint as ckpt
-    from protodepth.train import NonFiniteError
+    from protodepth.errors import NonFiniteError
     from test_reliability import _nan_at
 
     _nan_at(monkeypatch, {2}, "loss")  # call 2: an eager step in both modes (graphs capture at call 3)
@@ -267,9 +274,9 @@ def test_a_step_that_cannot_be_captured_fails_naming_the_way_out():
 def test_overflowed_weights_stop_the_run_even_in_skip_mode(tmp_path, monkeypatch, graphs):
     """Non-finite slot vertices mean the weights overflowed: skipping would skip every later step, so the run
     stops, eagerly (the geometry refuses them) and from a replayed graph (a per-step flag, read one step late)."""
-    import protodepth.train as tr
+    import protodepth.training.step as tr
     from protodepth.model import ProtoDepth
-    from protodepth.train import NonFiniteError
+    from protodepth.errors import NonFiniteError
 
     poison = torch.ones((), device="cuda" if graphs else "cpu")  # read by address in every replay
     real_forward, real_lr = ProtoDepth.forward, tr.lr_factor

@@ -93,7 +93,7 @@ def test_one_rank_raising_ends_the_job_and_shows_its_error(tmp_path):
     # Generate the scenes here, then truncate a PNG that only rank 1 reads in its first batch: Accelerate gives
     # rank r the batches r, r + 2, ... of the sampler's order, so rank 1's first batch is order[2:4].
     from protodepth.data import build_datasets
-    from protodepth.train import EpochShuffleSampler
+    from protodepth.data.loaders import EpochShuffleSampler
 
     cfg = tiny_config(tmp_path, **{"train.max_steps": 20})
     train_ds, _ = build_datasets(cfg.data, seed=cfg.train.seed, progress=False)

@@ -347,7 +347,7 @@ def test_nonfinite_loss_from_an_overflowing_learning_rate_stops_naming_step_and_
     # Honest overflow: no patching. Adam's first update moves every weight by about lr, so lr=1e30 makes the
     # weights ~1e30 and the second forward pass overflows float32 (its largest value is 3.4e38): the slot
     # vertices are inf/NaN, which the geometry refuses before any loss exists.
-    from protodepth.train import NonFiniteError
+    from protodepth.errors import NonFiniteError
 
     with pytest.raises(NonFiniteError) as e:
         run_train(tmp_path, **{"optim.lr": 1e30, "train.max_steps": 4, "train.ckpt_every": 1})
@@ -361,7 +361,7 @@ def test_nonfinite_loss_from_an_overflowing_learning_rate_stops_naming_step_and_
 def _nan_at(monkeypatch, bad_calls: set[int], where: str):
     """Make proto_depth_loss non-finite on the given (1-based) calls: `where`="loss" multiplies the real loss by
     NaN (loss and gradients NaN); "grad" adds sqrt(0 * x), which is 0 but whose gradient is inf * 0 = NaN."""
-    import protodepth.train as tr
+    import protodepth.training.step as tr
 
     real = tr.proto_depth_loss
     calls = {"n": 0}
@@ -380,7 +380,7 @@ def _nan_at(monkeypatch, bad_calls: set[int], where: str):
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_nonfinite_gradient_with_a_finite_loss_is_caught_too(tmp_path, monkeypatch):
-    from protodepth.train import NonFiniteError
+    from protodepth.errors import NonFiniteError
 
     _nan_at(monkeypatch, {3}, "grad")
     with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 3"):
@@ -405,7 +405,7 @@ def test_skip_drops_the_nonfinite_step_and_training_goes_on(tmp_path, monkeypatc
 
 def test_output_dir_under_a_regular_file_is_refused_before_training(tmp_path):
     from protodepth.config import ConfigError
-    from protodepth.train import check_output_dir
+    from protodepth.training.checkpointing import check_writable as check_output_dir
 
     blocker = tmp_path / "afile"
     blocker.write_text("x")
@@ -417,7 +417,7 @@ def test_output_dir_without_room_for_a_checkpoint_is_refused(tmp_path, monkeypat
     import shutil
 
     from protodepth.config import ConfigError
-    from protodepth.train import check_output_dir
+    from protodepth.training.checkpointing import check_writable as check_output_dir
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 5 << 20))
     with pytest.raises(ConfigError, match="has 5 MiB free, a checkpoint needs about 100 MiB"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from protodepth.config import ConfigError
+from protodepth.errors import CheckpointError
 from protodepth.train import train
 from trainer_utils import REPO, override_args, python, run_script, tiny_config, tiny_overrides
 
@@ -66,7 +67,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, grad_accum):
 def test_resume_latest_without_checkpoints_starts_fresh_but_a_missing_path_is_an_error(tmp_path):
     s = train(tiny_config(tmp_path, **{"train.max_steps": 1, "train.resume": "latest"}))
     assert s["steps"] == 1
-    with pytest.raises(ConfigError, match="train.resume"):
+    with pytest.raises(CheckpointError, match="train.resume"):
         train(tiny_config(tmp_path, **{"train.resume": str(tmp_path / "nope")}))
 
 

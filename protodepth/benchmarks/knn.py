@@ -44,8 +44,8 @@ def agreement(N, P1, P2, K, dtype, seed=0):
     l1 = torch.full((N,), P1, dtype=torch.int64, device="cuda")
     l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
     with torch.no_grad():
-        d1, i1 = knn_points_triton(p1, p2, l1, l2, K, 2, True)
-        d2, i2 = _knn_points_torch(p1, p2, l1, l2, K, 2, True)
+        d1, i1 = knn_points_triton(p1, p2, l1, l2, K, 2)
+        d2, i2 = _knn_points_torch(p1, p2, l1, l2, K, 2)
     return float((i1 == i2).double().mean()), float((d1.double() - d2.double()).abs().max())
 
 
@@ -58,13 +58,13 @@ def time_one(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0, fwd_only=False):
     l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
 
     def fwd():
-        impl(p1, p2, l1, l2, K, 2, True)
+        impl(p1, p2, l1, l2, K, 2)
 
     a = p1.clone().requires_grad_()
     b = p2.clone().requires_grad_()
 
     def fwd_bwd():
-        d, _ = impl(a, b, l1, l2, K, 2, True)
+        d, _ = impl(a, b, l1, l2, K, 2)
         torch.autograd.grad(d.sum(), (a, b))
 
     with torch.no_grad():
@@ -85,7 +85,7 @@ def time_graph(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0):
     l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
 
     def fwd_bwd():
-        d, _ = impl(a, b, l1, l2, K, 2, True)
+        d, _ = impl(a, b, l1, l2, K, 2)
         return torch.autograd.grad(d.sum(), (a, b))
 
     try:
@@ -118,10 +118,10 @@ def launches(impl, N, P1, P2, K, dtype, calls=5):
 
     def fwd():
         with torch.no_grad():
-            impl(a, b, l1, l2, K, 2, True)
+            impl(a, b, l1, l2, K, 2)
 
     def fwd_bwd():
-        d, _ = impl(a, b, l1, l2, K, 2, True)
+        d, _ = impl(a, b, l1, l2, K, 2)
         torch.autograd.grad(d.sum(), (a, b))
 
     counts = []
@@ -190,7 +190,7 @@ def _profile(args, knn_points_triton) -> int:
     l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
 
     def step():
-        d, _ = knn_points_triton(p1, p2, l1, l2, K, 2, True)
+        d, _ = knn_points_triton(p1, p2, l1, l2, K, 2)
         torch.autograd.grad(d.sum(), (p1, p2))
 
     for _ in range(3):
@@ -222,7 +222,7 @@ def _host(args, knn_points_triton) -> int:
         l2 = torch.full((N,), P2, dtype=torch.int64, device="cuda")
 
         def step():
-            d, _ = knn_points_triton(a, b, l1, l2, K, 2, True)
+            d, _ = knn_points_triton(a, b, l1, l2, K, 2)
             torch.autograd.grad(d.sum(), (a, b))
 
         for _ in range(5):

@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--precision", default="bf16", choices=["no", "fp16", "bf16"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (they are on where the run allows them)")
     p.add_argument("--results", default=None, help="JSON file to append this run's figure to")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (tests)")
     args = p.parse_args(argv)
@@ -37,33 +38,28 @@ def main(argv: list[str]) -> int:
         args.batch, args.slots, args.height, args.width, args.targets, args.ico_level = 2, 2, 32, 32, 200, 1
         args.precision, args.warmup, args.repeats = "no", 1, 2
 
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from protodepth.benchmarks.step import as_batch, make_inputs, shape_config, trainer_step
+    from protodepth.cuda_graphs import blocker
+    from protodepth.training.accel import build_accelerator
 
-    from protodepth.benchmarks.step import build, make_inputs
-    from protodepth.loss import proto_depth_loss
-
-    accelerator = Accelerator(mixed_precision=args.precision,
-                              kwargs_handlers=[DistributedDataParallelKwargs(static_graph=True)])
+    cfg = shape_config(args.batch, args.slots, args.height, args.width, args.targets,
+                       {"no": "fp32"}.get(args.precision, args.precision), args.ico_level)
+    accelerator = build_accelerator(cfg, "disabled")
     device = accelerator.device
+    why_not = blocker(cfg, device, accelerator.distributed_type.name == "DEEPSPEED")
+    graphed = not args.eager and why_not is None
     torch.manual_seed(accelerator.process_index)
-    model, opt, loss_cfg = build(args.slots, args.ico_level, False, device)
-    faces = model.faces
-    # DeepSpeed wants a DataLoader (or its micro-batch size) at prepare time
-    dl = torch.utils.data.DataLoader(list(range(args.batch)), batch_size=args.batch)
-    model, opt, dl = accelerator.prepare(model, opt, dl)
+    step_fn, model = trainer_step(cfg, graphed, accelerator)
     image, cloud, lengths = make_inputs(args.batch, args.height, args.width, args.targets, device,
                                         seed=accelerator.process_index)
     if device.type == "cuda":
         image = image.contiguous(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    batch = as_batch(image, cloud, lengths)
+    counter = iter(range(10**9))
 
     def step():
-        with accelerator.autocast():
-            scene = model(image)
-        res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, cloud, lengths, loss_cfg)
-        accelerator.backward(res.total)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_fn(batch, next(counter), 0)
 
     def sync():
         if device.type == "cuda":
@@ -86,20 +82,24 @@ def main(argv: list[str]) -> int:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         row = {"processes": n, "step_s": slowest, "samples_per_s": sps, "device": name,
                "distributed_type": str(accelerator.distributed_type), "batch_per_process": args.batch,
-               "precision": args.precision}
+               "precision": args.precision, "cuda_graphs": graphed}
         print(json.dumps(row))
         if args.results:
             path = Path(args.results)
             rows = json.loads(path.read_text()) if path.is_file() else []
-            rows = [r for r in rows if r["processes"] != n] + [row]
+            key = (n, graphed, row["distributed_type"])
+            rows = [r for r in rows if (r["processes"], r.get("cuda_graphs"), r["distributed_type"]) != key] + [row]
             path.write_text(json.dumps(rows, indent=1))
-            base = next((r["samples_per_s"] for r in rows if r["processes"] == 1), None)
-            print("\n| processes | step s | samples/s | efficiency |\n| --- | --- | --- | --- |")
-            for r in sorted(rows, key=lambda r: r["processes"]):
+            # efficiency against the fastest one-process figure recorded (the graphed one when it ran)
+            base = max((r["samples_per_s"] for r in rows if r["processes"] == 1), default=None)
+            print("\n| processes | kind | graphs | step s | samples/s | efficiency vs fastest 1 process |\n"
+                  "| --- | --- | --- | --- | --- | --- |")
+            for r in sorted(rows, key=lambda r: (r["processes"], r["distributed_type"], bool(r.get("cuda_graphs")))):
                 eff = f"{r['samples_per_s'] / (r['processes'] * base):.1%}" if base else "n/a (no 1-process run)"
-                print(f"| {r['processes']} | {r['step_s']:.4f} | {r['samples_per_s']:.0f} | {eff} |")
+                print(f"| {r['processes']} | {r['distributed_type']} | {'on' if r.get('cuda_graphs') else 'off'} | "
+                      f"{r['step_s']:.4f} | {r['samples_per_s']:.0f} | {eff} |")
     accelerator.wait_for_everyone()
-    del model, opt
+    del model, step_fn
     accelerator.free_memory()
     accelerator.end_training()
     return 0

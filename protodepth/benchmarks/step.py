@@ -46,16 +46,46 @@ def make_inputs(B: int, H: int, W: int, N: int, device, seed: int = 0):
     return image.to(device), cloud.to(device), lengths.to(device)
 
 
-def build(K: int, level: int, compile_model: bool, device, fused: bool = True):
-    from protodepth.config import LossConfig, ModelConfig
-    from protodepth.model import ProtoDepth
+def shape_config(B: int, K: int, H: int, W: int, N: int, precision: str, level: int, compile_model: bool = False):
+    """A trainer config for one benchmark shape: batch B, K = P slots, H x W input, N target points."""
+    from protodepth.config import load_config
 
-    cfg = ModelConfig(num_slots=K, num_prototypes=K, ico_level=level)
-    model = ProtoDepth(cfg).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda" if fused else None)
-    if compile_model:
-        model = torch.compile(model)
-    return model, opt, LossConfig()
+    return load_config(None, {
+        "model.num_slots": K, "model.num_prototypes": K, "model.ico_level": level, "model.channels_last": True,
+        "data.height": H, "data.width": W, "data.num_bins": 1, "data.points_per_bin": N,
+        "train.batch_size": B, "train.mixed_precision": {"fp32": "no"}.get(precision, precision),
+        "train.compile": compile_model, "train.wandb": "disabled",
+    })
+
+
+def trainer_step(cfg, graphed: bool, accelerator=None):
+    """The trainer's own TrainStep on a fresh model: what every full-step figure times. `accelerator`: the
+    launched run's (several processes, DeepSpeed); None makes a fresh one-process Accelerator.
+    -> (step, model); step(batch, i, 0) runs forward, loss, backward, sync, clipping and Adam as in training."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from protodepth.training.nonfinite import NonFiniteGuard
+    from protodepth.training.run import model_and_optimizer, prepare_for_training
+    from protodepth.training.step import TrainStep
+
+    acc = accelerator
+    if acc is None:
+        AcceleratorState._reset_state(True)  # a fresh Accelerator per precision
+        GradientState._reset_state()
+        PartialState._reset_state()
+        acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    deepspeed = acc.distributed_type.name == "DEEPSPEED"
+    model, opt = model_and_optimizer(cfg, acc, deepspeed=deepspeed)
+    model, opt, _, sync = prepare_for_training(cfg, acc, model, opt, [], flat=graphed and acc.num_processes > 1)
+    guard = NonFiniteGuard.for_run(cfg, acc, opt, deepspeed=deepspeed)
+    faces = acc.unwrap_model(model).faces.to(acc.device)
+    step = TrainStep(cfg, acc, model, opt, faces, graphed=graphed, grad_sync=sync, guard=guard)
+    return step, model
+
+
+def as_batch(image, cloud, lengths) -> dict:
+    return {"image": image, "cloud": cloud, "lengths": lengths, "paths": ["benchmark"] * image.shape[0]}
 
 
 def time_steps(step_fn, warmup: int, repeats: int) -> list[float]:
@@ -74,170 +104,125 @@ def time_steps(step_fn, warmup: int, repeats: int) -> list[float]:
 
 
 def bench_shape(name: str, precision: str, args, device) -> list[Result]:
-    from protodepth.loss import proto_depth_loss
-
     B, K, H, W, N = SHAPES[name]
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     image, cloud, lengths = make_inputs(B, H, W, N, device)
-    image = image.contiguous(memory_format=torch.channels_last)
-    results = []
-
-    model, opt, loss_cfg = build(K, args.ico_level, args.compile, device, fused=args.adam == "fused")
-    core = model._orig_mod if hasattr(model, "_orig_mod") else model
-    faces = core.faces
-
-    def backbone_step():
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            out = core.head(core.backbone(image))
-        loss = out.float().square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def full_step():
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            scene = model(image)
-        res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, cloud, lengths, loss_cfg)
-        res.total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    kinds = [("backbone", backbone_step), ("full", full_step)]
-    if args.cuda_graphs:
-        kinds += graphed_steps(core, model, opt, faces, loss_cfg, image, cloud, lengths, dtype)
+    batch = as_batch(image.contiguous(memory_format=torch.channels_last), cloud, lengths)
+    cfg = shape_config(B, K, H, W, N, precision, args.ico_level, args.compile)
+    results, kinds = [], []
+    for graphed in ([False, True] if args.cuda_graphs else [False]):
+        step, model = trainer_step(cfg, graphed)
+        core = model._orig_mod if hasattr(model, "_orig_mod") else model
+        counter = iter(range(10**9))
+        suffix = "-graph" if graphed else ""
+        kinds += [(f"backbone{suffix}", backbone_step(core, step.optimizer, batch["image"], dtype, graphed)),
+                  (f"full{suffix}", lambda step=step, counter=counter: step(batch, next(counter), 0))]
     for kind, fn in kinds:
         torch.cuda.reset_peak_memory_stats()
         times = time_steps(fn, args.warmup, args.repeats)
         med = statistics.median(times)
         results.append(Result(name, precision, kind, med, B / med, torch.cuda.max_memory_allocated() / 2**30))
     if args.profile and name == "b32":
-        profile(full_step, f"{name}-{precision}")
+        by_kind = dict(kinds)
+        profile(by_kind["full"], f"{name}-{precision}")
         if args.cuda_graphs:
-            full_k = profile(kinds[-1][1], f"{name}-{precision} graphed")
-            back_k = kernel_times(kinds[-2][1])
-            print(f"\n### what the full step adds to the backbone-only step ({name}-{precision}, both graphed): "
-                  "GPU ms per step by kernel, largest first\n")
-            print("| kernel | full ms | backbone ms | added ms |\n| --- | --- | --- | --- |")
-            diff = sorted(set(full_k) | set(back_k), key=lambda k: back_k.get(k, 0) - full_k.get(k, 0))
-            for k in diff[:20]:
-                print(f"| {k[:80]} | {full_k.get(k, 0):.3f} | {back_k.get(k, 0):.3f} | "
-                      f"{full_k.get(k, 0) - back_k.get(k, 0):+.3f} |")
-            print(f"| total | {sum(full_k.values()):.3f} | {sum(back_k.values()):.3f} | "
-                  f"{sum(full_k.values()) - sum(back_k.values()):+.3f} |")
-    del model, opt
+            kernel_diff(by_kind["full-graph"], by_kind["backbone-graph"], f"{name}-{precision}")
     torch.cuda.empty_cache()
     return results
 
 
-def graphed_steps(core, model, opt, faces, loss_cfg, image, cloud, lengths, dtype):
-    """The backbone-only and the full step with forward + loss + backward replayed from CUDA graphs (the trainer's
-    `train.cuda_graphs`); the optimizer step stays eager, as in the trainer."""
+def kernel_diff(full_step, backbone_step_fn, label: str) -> None:
+    full_k = profile(full_step, f"{label} graphed")
+    back_k = kernel_times(backbone_step_fn)
+    print(f"\n### what the full step adds to the backbone-only step ({label}, both graphed): "
+          "GPU ms per step by kernel, largest first\n")
+    print("| kernel | full ms | backbone ms | added ms |\n| --- | --- | --- | --- |")
+    diff = sorted(set(full_k) | set(back_k), key=lambda k: back_k.get(k, 0) - full_k.get(k, 0))
+    for k in diff[:20]:
+        print(f"| {k[:80]} | {full_k.get(k, 0):.3f} | {back_k.get(k, 0):.3f} | {full_k.get(k, 0) - back_k.get(k, 0):+.3f} |")
+    print(f"| total | {sum(full_k.values()):.3f} | {sum(back_k.values()):.3f} | "
+          f"{sum(full_k.values()) - sum(back_k.values()):+.3f} |")
+
+
+def backbone_step(core, opt, image, dtype, graphed: bool):
+    """The reference: ResNet-50 + slot head with a trivial loss, backward and Adam; eager or graphed like the
+    trainer's step (its own step: there is no geometry to share)."""
     from protodepth.cuda_graphs import GraphedStep
-    from protodepth.loss import proto_depth_loss
 
-    gen = torch.Generator(device=image.device)
-    params = list(model.parameters())
-
-    def backbone_fn(img, cl, ln, key, g):
+    def fn(img, cl, ln, key, g):
         with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
             out = core.head(core.backbone(img))
         loss = out.float().square().mean()
-        return loss, loss
+        return loss.detach(), loss
 
-    def full_fn(img, cl, ln, key, g):
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            scene = model(img)
-        res = proto_depth_loss(scene.slot_verts, scene.prototypes, faces, cl, ln, loss_cfg, generator=g)
-        return res.total, res.total
+    graph = GraphedStep(fn, list(core.parameters()), torch.Generator(device=image.device), max_points=1) \
+        if graphed else None
+    dummy_cloud = torch.zeros(image.shape[0], 1, 3, device=image.device)
+    dummy_len = torch.ones(image.shape[0], dtype=torch.int64, device=image.device)
 
-    steps = []
-    for kind, fn in (("backbone-graph", backbone_fn), ("full-graph", full_fn)):
-        graphed = GraphedStep(fn, params, gen, max_points=cloud.shape[1])
-
-        def step(graphed=graphed):
-            graphed(image, cloud, lengths, (), seed=0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        steps.append((kind, step))
-    return steps
+    def step():
+        if graph is not None:
+            graph(image, dummy_cloud, dummy_len, (), seed=0)
+        else:
+            fn(image, None, None, (), None)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def bench_loader(args, device) -> None:
-    """The B=32 step of configs/throughput_b32.yaml fed by the real DataLoader over the preprocessed cache.
+    """The trainer's step on configs/throughput_b32.yaml fed by its data paths.
 
-    Times `args.loader_steps` steps three ways, wall clock: the step on one batch already on the GPU (the ceiling),
-    the step fed by the loader (what training gets), and the loader alone (next() + copy to the GPU). The GPU
-    waits when the loader alone is slower than the step. Each way once eager and once with CUDA graphs.
-    """
-    from torch.utils.data import DataLoader
-
+    Times `args.loader_steps` steps, wall clock: the step on one batch already on the GPU (the ceiling), the
+    step fed by DataLoader workers over the preprocessed cache, the step fed by the on-GPU data path
+    (data.device=cuda), and each source alone. Once eager and once with CUDA graphs."""
     from protodepth.config import load_config
-    from protodepth.cuda_graphs import GraphedStep
-    from protodepth.data import build_datasets, collate_depth
-    from protodepth.loss import proto_depth_loss
-    from protodepth.model import ProtoDepth
+    from protodepth.data import build_datasets
+    from protodepth.data.loaders import DeviceBatches, workers_per_process
+    from protodepth.training.batches import data_loader
 
     cfg = load_config(args.loader_config, {})
     train_ds, _ = build_datasets(cfg.data, seed=0)
-    dl = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate_depth,
-                    num_workers=cfg.data.num_workers, pin_memory=True, persistent_workers=True, prefetch_factor=4)
-    model = ProtoDepth(cfg.model).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)
-    dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
-    full_points = cfg.data.num_bins * cfg.data.points_per_bin
-    gen = torch.Generator(device=device)
+    workers = workers_per_process(cfg.data, 1)
+    dl = data_loader(train_ds, cfg, workers, shuffle=True, train=True)
+    on_gpu = DeviceBatches(train_ds, cfg.train.batch_size, 0, 0, 1, device)
+    sources = {"workers": lambda: _forever(lambda: (_to_gpu(b, device) for b in dl)),
+               "on-GPU data": lambda: _forever(lambda: on_gpu.epoch(0))}
+    n, B = args.loader_steps, cfg.train.batch_size
+    print(f"\n### the trainer's step fed by its data paths ({args.loader_config}: B={B}, {cfg.data.height}x"
+          f"{cfg.data.width}, {cfg.data.image_channels}-channel, {workers} workers, {len(train_ds)} frames, "
+          f"{n} steps each)\n")
+    print("| step | source | on one GPU batch, samples/s | fed by the source, samples/s | source alone, samples/s |"
+          " fed / on one batch |\n| --- | --- | --- | --- | --- | --- |")
+    for graphed in (False, True):
+        step, _ = trainer_step(cfg, graphed)
+        for name, make in sources.items():
+            it = make()
+            fixed = next(it)
+            for i in range(5):  # warm-up (graph capture included)
+                step(fixed, i, 0)
+            rates = [_rate(lambda i: step(fixed, i, 0), n, B), _rate(lambda i: step(next(it), i, 0), n, B),
+                     _rate(lambda i: next(it), n, B)]
+            print(f"| {'CUDA graphs' if graphed else 'eager'} | {name} | {rates[0]:.0f} | {rates[1]:.0f} | "
+                  f"{rates[2]:.0f} | {rates[1] / rates[0]:.0%} |", flush=True)
 
-    def fn(image, cloud, lengths, key, g):
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            scene = model(image)
-        res = proto_depth_loss(scene.slot_verts, scene.prototypes, model.faces, cloud, lengths, cfg.loss, generator=g)
-        return res.total.detach(), res.total
 
-    graphed = GraphedStep(fn, list(model.parameters()), gen, max_points=full_points)
+def _rate(fn, n: int, batch: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    torch.cuda.synchronize()
+    return n * batch / (time.perf_counter() - t0)
 
-    def step(batch, use_graph: bool, i: int):
-        if use_graph:
-            loss = graphed(batch["image"], batch["cloud"], batch["lengths"], (), seed=i)
-        else:
-            gen.manual_seed(i)
-            loss, total = fn(batch["image"], batch["cloud"], batch["lengths"], (), gen)
-            total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
 
-    def to_gpu(b):
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+def _forever(make_iter):
+    while True:
+        yield from make_iter()
 
-    def batches():
-        while True:
-            yield from dl
 
-    it = batches()
-    fixed = to_gpu(next(it))
-    n = args.loader_steps
-    print(f"\n### step fed by the DataLoader ({args.loader_config}: B={cfg.train.batch_size}, "
-          f"{cfg.data.height}x{cfg.data.width}, {cfg.data.image_channels}-channel, {cfg.data.num_workers} workers, "
-          f"{len(train_ds)} frames, {n} steps each)\n")
-    print("| step | on one GPU batch, samples/s | fed by the loader, samples/s | loader alone, samples/s | "
-          "GPU waits? |\n| --- | --- | --- | --- | --- |")
-    for use_graph in (False, True):
-        for i in range(5):  # warm-up (graph capture included)
-            step(fixed, use_graph, i)
-        rates = []
-        for mode in ("fixed", "loader", "loader-only"):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i in range(n):
-                batch = fixed if mode == "fixed" else to_gpu(next(it))
-                if mode != "loader-only":
-                    step(batch, use_graph, i)
-            torch.cuda.synchronize()
-            rates.append(n * cfg.train.batch_size / (time.perf_counter() - t0))
-        waits = "yes" if rates[1] < 0.95 * rates[0] else "no"
-        print(f"| {'CUDA graphs' if use_graph else 'eager'} | {rates[0]:.0f} | {rates[1]:.0f} | {rates[2]:.0f} | "
-              f"{waits} ({rates[1] / rates[0]:.0%} of the ceiling) |", flush=True)
+def _to_gpu(b: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
 def _profile_steps(step_fn, steps: int):

@@ -298,45 +298,43 @@ def test_overflowed_weights_stop_the_run_even_in_skip_mode(tmp_path, monkeypatch
         train(cfg)
 
 
-def _graphed_losses(tmp_path, flat: bool, steps: int = 6) -> list[float]:
-    """Losses of `steps` graphed TrainSteps on a fixed batch; `flat`: gradients captured into FlatGrads' buffer,
-    the path several processes take (with one process its all-reduce is a no-op)."""
+def _graphed_grad_norms(tmp_path, flat: bool, steps: int = 5) -> list[float]:
+    """Gradient norms of `steps` graphed TrainSteps on a fixed batch, with a learning rate too small to move the
+    weights, so every step computes the same gradient; `flat`: gradients captured into FlatGrads' buffer, the
+    path several processes take (with one process its all-reduce is a no-op)."""
     from accelerate import Accelerator
 
     from protodepth.grad_sync import FlatGrads
     from protodepth.training.run import model_and_optimizer
     from protodepth.training.step import TrainStep
 
-    cfg = tiny_config(tmp_path, **{"optim.lr": 1e-3, "data.points_per_bin": 150})
+    cfg = tiny_config(tmp_path, **{"optim.lr": 1e-12, "data.points_per_bin": 150})
     torch.manual_seed(0)
     acc = Accelerator()
     model, opt = model_and_optimizer(cfg, acc, deepspeed=False)
     model, opt = acc.prepare(model, opt)
+    model.eval()  # batch norm statistics stay put: the same gradient at every step
     sync = FlatGrads(model.parameters()) if flat else None
     step = TrainStep(cfg, acc, model, opt, model.faces, graphed=True, grad_sync=sync)
     _, image, cloud, lengths = _small_problem()
     batch = {"image": image[:, :, :32, :32].contiguous(), "cloud": cloud, "lengths": lengths, "paths": ["a", "b"]}
-    losses = [float(step(batch, i, 0).loss.total) for i in range(steps)]
+    norms = [float(step(batch, 0, 0).grad_norm) for _ in range(steps)]  # step 0 each time: the same draws
     assert step.graphed.graphs, "the step was never captured"
-    return losses
+    return norms
 
 
 @pytest.mark.cuda
 @cuda
-def test_graphed_step_into_flat_gradients_trains_like_the_graphed_step(tmp_path):
+def test_graphed_step_into_flat_gradients_computes_the_graphed_gradient(tmp_path):
     """Data-parallel graphs: the replayed backward accumulates into FlatGrads' views instead of assigning its
-    own gradients; the training must not notice (a missed or doubled gradient changes the curve at once)."""
-    plain = _graphed_losses(tmp_path / "plain", flat=False)
-    AcceleratorState, GradientState, PartialState = _accelerate_states()
+    own gradients. Warm-up, capture and every replay must give the plain graphed step's gradient: a missing
+    gradient gives 0, one never zeroed between steps doubles, a stale one stays at an earlier value."""
+    plain = _graphed_grad_norms(tmp_path / "plain", flat=False)
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
-    flat = _graphed_losses(tmp_path / "flat", flat=True)
-    for a, b in zip(plain, flat):
-        assert abs(a - b) <= 0.02 * abs(a), (plain, flat)
-
-
-def _accelerate_states():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    return AcceleratorState, GradientState, PartialState
+    flat = _graphed_grad_norms(tmp_path / "flat", flat=True)
+    for a, b in zip(plain, flat):  # TF32 convolutions and atomics: ~1e-3 relative between runs
+        assert abs(a - b) <= 1e-2 * abs(a), (plain, flat)

@@ -25,12 +25,17 @@ from trainer_utils import REPO, override_args, python, tiny_overrides
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 5
+SETUPS = {
+    "constant": {},
+    # warmup over steps 1-2 and decay over 3-5: kills land in both phases; 2 micro-batches per optimizer step
+    "cosine_warmup_accum2": {"optim.schedule": "cosine", "optim.warmup_steps": 2, "train.grad_accum": 2},
+}
 SLOW_COMMIT_S = 1.0  # a commit sleeps this long with the files written and no manifest yet (polled every 10 ms)
 
 
-def start(tmp_path: Path, name: str, resume: bool, slow: bool = True) -> tuple[subprocess.Popen, Path]:
+def start(tmp_path: Path, name: str, resume: bool, setup: dict, slow: bool = True) -> tuple[subprocess.Popen, Path]:
     o = tiny_overrides(tmp_path, **{"train.max_steps": MAX_STEPS, "train.ckpt_every": 1,
-                                    "train.deterministic": True, "train.output_dir": str(tmp_path / name)})
+                                    "train.deterministic": True, "train.output_dir": str(tmp_path / name)}, **setup)
     args = [python(), "scripts/train.py", *override_args(o)] + (["--resume", "latest"] if resume else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true")
     if slow:  # the sleep changes no result, only when a kill can land
@@ -75,10 +80,12 @@ def params(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, setup):
+    setup = SETUPS[setup]
     rng = random.Random(20261124)
     # the reference: the same process, never interrupted (single-threaded, so it runs beside the others)
-    ref_p, ref_log = start(tmp_path, "straight", resume=False, slow=False)
+    ref_p, ref_log = start(tmp_path, "straight", False, setup, slow=False)
 
     run = tmp_path / "killed"
     root = run / "checkpoints"
@@ -96,7 +103,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     for what, cond, delay in plan:
         time.sleep(0.05)  # folders made from now on are newer than the killed process's
         t0 = time.time()
-        p, log = start(tmp_path, "killed", resume)
+        p, log = start(tmp_path, "killed", resume, setup)
         reached = wait_for(p, lambda: cond(t0))
         assert reached, f"the process ended before the kill point '{what}':\n{log.read_text()[-3000:]}"
         time.sleep(delay)
@@ -112,7 +119,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
 
     # restart until done (one more start is enough; a loop guards against a slow machine)
     for _ in range(3):
-        p, log = start(tmp_path, "killed", resume=True)
+        p, log = start(tmp_path, "killed", True, setup)
         if p.wait(timeout=120) == 0:
             break
     else:

@@ -342,15 +342,38 @@ def test_only_broken_checkpoints_stop_a_latest_resume_instead_of_starting_over(t
 
 # ------------------------------------------------------------------------------------ non-finite steps
 
+def test_grad_norm_of_huge_fp32_gradients_is_finite_and_right():
+    # A diverging step leaves fp32 gradients of ~1e19 (seen at step 1 with 16x16 input): their squares pass
+    # float32's 3.4e38, so a norm summed in fp32 says inf although the true norm is finite.
+    from protodepth.training.step import grad_norm
+
+    big = torch.nn.Parameter(torch.zeros(3, 4))
+    big.grad = torch.full((3, 4), 1e19)
+    small = torch.nn.Parameter(torch.zeros(5))
+    small.grad = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0])
+    unused = torch.nn.Parameter(torch.zeros(2))  # no gradient: skipped
+    norm = grad_norm([big, small, unused])
+    assert torch.linalg.vector_norm(big.grad) == float("inf")  # what a float32 norm gives
+    assert norm.dtype == torch.float64 and torch.isfinite(norm)
+    v = big.grad[0, 0].item()  # 1e19 as float32 holds it
+    assert norm.item() == pytest.approx((12 * v * v + 25) ** 0.5, rel=1e-12)
+    assert grad_norm([small]).item() == 5.0
+    small.grad[0] = float("inf")  # a truly infinite gradient still says inf
+    assert grad_norm([big, small]).item() == float("inf")
+
+
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_nonfinite_loss_from_an_overflowing_learning_rate_stops_naming_step_and_files(tmp_path):
+@pytest.mark.parametrize("size", [16, 32])
+def test_nonfinite_loss_from_an_overflowing_learning_rate_stops_naming_step_and_files(tmp_path, size):
     # Honest overflow: no patching. Adam's first update moves every weight by about lr, so lr=1e30 makes the
     # weights ~1e30 and the second forward pass overflows float32 (its largest value is 3.4e38): the slot
-    # vertices are inf/NaN, which the geometry refuses before any loss exists.
+    # vertices are inf/NaN, which the geometry refuses before any loss exists. Whatever the input size: at
+    # 16x16 step 1's fp32 gradients reach ~1e19, whose norm must not overflow and end the run one step early.
     from protodepth.errors import NonFiniteError
 
     with pytest.raises(NonFiniteError) as e:
-        run_train(tmp_path, **{"optim.lr": 1e30, "train.max_steps": 4, "train.ckpt_every": 1})
+        run_train(tmp_path, **{"optim.lr": 1e30, "train.max_steps": 4, "train.ckpt_every": 1,
+                               "data.height": size, "data.width": size})
     msg = str(e.value)
     assert "non-finite model output (slot vertices) at step 2" in msg, msg
     assert msg.count(".png") == 2 and "DepthLeft" in msg  # the batch's two sample files

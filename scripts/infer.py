@@ -19,6 +19,8 @@ loss.samples_per_slot points sampled on every slot mesh (seeded by --seed, per i
 - pred_to_target (mean over predicted points of the squared distance to the nearest target point, m^2; equal to
   val_slot), target_to_pred (the other way; val_global averages loss.k_nearest neighbours instead of one), and
   chamfer = their sum: the symmetric Chamfer distance, which is NOT the validation number.
+The last line printed gives both means: `val_chamfer` (compare it with the trainer's val/chamfer) and the
+symmetric chamfer.
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ from protodepth.inference import load_model, run  # noqa: E402,F401  (load_model
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from protodepth.errors import CliParser
+
+    # CliParser: a bad flag ends in the same one `error: ...` line (exit code 2) as every other user error
+    p = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder: its newest checkpoint)")
     p.add_argument("--input", required=True, help="depth PNG, folder of PNGs, or SYNTHIA-SF root")
     p.add_argument("--output", required=True, help="output folder (created)")
@@ -50,21 +55,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--traceback", action="store_true", help="show the full traceback of a user error")
     a = p.parse_args(argv)
     if a.batch_size < 1:
-        p.error(f"--batch-size: got {a.batch_size}, must be >= 1")
+        p.error(f"argument --batch-size: got {a.batch_size}, must be >= 1")
     if a.workers < 0:
-        p.error(f"--workers: got {a.workers}, must be >= 0")
+        p.error(f"argument --workers: got {a.workers}, must be >= 0")
     return a
 
 
-# ------------------------------------------------------------------------------------------------ checkpoint
+def summary_line(res: dict, output: str) -> str:
+    """The last line printed: the mean val_chamfer first, named as the trainer logs it (`val/chamfer`, so a user
+    can put the two side by side), then the symmetric Chamfer distance, which is a different measure."""
+    m = res["mean"]
+    skipped = f"; skipped {len(res['skipped'])} bad files" if res["skipped"] else ""
+    return (f"{res['count']} images on {res['device']}: val_chamfer {m['val_chamfer']:.6g} (the trainer's "
+            f"val/chamfer measure, mean over these images); symmetric chamfer {m['chamfer']:.6g} m^2 "
+            f"(pred->target {m['pred_to_target']:.6g}, target->pred {m['target_to_pred']:.6g}); "
+            f"results in {output}{skipped}")
+
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    res = run(args)
-    m = res["mean"]
-    print(f"{res['count']} images on {res['device']}: mean chamfer {m['chamfer']:.6g} m^2 (pred->target "
-          f"{m['pred_to_target']:.6g}, target->pred {m['target_to_pred']:.6g}); results in {args.output}"
-          + (f"; skipped {len(res['skipped'])} bad files" if res["skipped"] else ""))
+    print(summary_line(run(args), args.output))
     return 0
 
 

@@ -447,29 +447,110 @@ def test_output_dir_without_room_for_a_checkpoint_is_refused(tmp_path, monkeypat
         check_output_dir(tmp_path / "run", min_free_bytes=100 << 20)
 
 
-@pytest.mark.usefixtures("fresh_accelerate_state")
-def test_a_failing_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+# What a full disk looks like to the trainer: the OS's ENOSPC, or torch's zip writer with no errno at all.
+DISK_FULL_ERRORS = {
+    "enospc": lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    "torch_unexpected_pos": lambda: RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
+                                                 "failed writing file data/3: file write failed\nunexpected pos 1234 "
+                                                 "vs 1100"),
+}
+
+
+def _disk_fills_up(monkeypatch, failure: str, saves_before: int = 0) -> None:
+    """After `saves_before` good checkpoints, Accelerator.save_state writes part of a file and fails as a full disk
+    does (`failure`, a key of DISK_FULL_ERRORS); from then on the disk has 0 bytes free."""
+    import shutil
+
     from accelerate import Accelerator
 
-    real = Accelerator.save_state
-    calls = {"n": 0}
+    real_save, real_usage = Accelerator.save_state, shutil.disk_usage
+    state = {"saves": 0, "full": False}
 
-    def save_state_then_disk_full(self, output_dir=None, **kw):
-        calls["n"] += 1
-        if calls["n"] < 2:
-            return real(self, output_dir, **kw)
+    def save_state(self, output_dir=None, **kw):
+        state["saves"] += 1
+        if state["saves"] <= saves_before:
+            return real_save(self, output_dir, **kw)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "model.safetensors").write_bytes(b"partial")  # half-written, then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        state["full"] = True
+        raise DISK_FULL_ERRORS[failure]()
 
-    monkeypatch.setattr(Accelerator, "save_state", save_state_then_disk_full)
+    def disk_usage(path):
+        u = real_usage(path)
+        return shutil._ntuple_diskusage(u.total, u.total, 0) if state["full"] else u
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("failure", list(DISK_FULL_ERRORS))
+def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, failure):
+    _disk_fills_up(monkeypatch, failure, saves_before=1)
     with pytest.raises(ckpt.CheckpointError) as e:
         run_train(tmp_path, **{"train.max_steps": 3, "train.ckpt_every": 1})
     msg = str(e.value)
-    assert "checkpoint of step 2" in msg and "checkpoint-00000001" in msg, msg
-    assert f"the disk holding {tmp_path / 'run' / 'checkpoints'} is full (" in msg, msg  # ENOSPC named as a full disk
     root = tmp_path / "run" / "checkpoints"
+    assert msg == (f"could not write the checkpoint of step 2 to {root} (the disk holding {root} is full (0 MiB "
+                   f"free)); the last complete checkpoint is {root / 'checkpoint-00000001'}"), msg
     assert steps_saved(tmp_path / "run") == [1] and not list(root.glob(".tmp-*"))
+    assert ckpt.verify(root / "checkpoint-00000001") is None
+
+
+# ------------------------------------------------------------------ run folders: one run per folder
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, capsys):
+    from protodepth.errors import RunFolderError
+
+    run = tmp_path / "run"
+    first = run_train(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})
+    old_files = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunFolderError, match=re.escape(f"train.output_dir: {run} already holds a run (checkpoints up "
+                                                       "to step 2); pass --resume latest")):
+        run_train(tmp_path, **{"train.max_steps": 1, "train.ckpt_every": 1})
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == old_files  # untouched
+
+    capsys.readouterr()
+    second = run_train(tmp_path, **{"train.max_steps": 1, "train.ckpt_every": 1, "train.overwrite": True})
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and f"the earlier run in {run} was moved to {aside[0]}" in capsys.readouterr().out
+    # nothing of the old run was deleted: every file of it is in the replaced-* folder, byte for byte
+    assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file()} == old_files
+    assert json.loads((aside[0] / "summary.json").read_text())["history"] == [list(h) for h in first["history"]]
+    # the new run is on its own: its checkpoint, its summary
+    assert steps_saved(run) == [1] and second["checkpoint"] == str(run / "checkpoints" / "checkpoint-00000001")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_resume_of_a_finished_run_trains_nothing_and_keeps_its_summary(tmp_path, capsys):
+    run = tmp_path / "run"
+    run_train(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})
+    summary = (run / "summary.json").read_bytes()
+    capsys.readouterr()
+    again = run_train(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1, "train.resume": "latest"})
+    out = capsys.readouterr().out
+    assert f"nothing to train: the run in {run} is already at step 2 of train.max_steps=2" in out, out
+    assert "Running training" not in out
+    assert (run / "summary.json").read_bytes() == summary  # not rewritten with an empty `final` and wall_s 0
+    assert again == json.loads(summary) and steps_saved(run) == [1, 2]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state", "forget_broken")
+def test_retention_through_the_trainer_keeps_the_checkpoint_it_fell_back_to(tmp_path):
+    # 2 kept: steps 2 and 4; 4 gets same-size garbage (only its content hash tells). `--resume latest` falls back
+    # to 2 and saves step 3: of 2, 3 and the broken 4 one must go, and it must be the broken one.
+    run = tmp_path / "run"
+    common = {"train.ckpt_every": 2, "train.ckpt_limit": 2}
+    run_train(tmp_path, **{"train.max_steps": 4, **common})
+    assert steps_saved(run) == [2, 4]
+    break_checkpoint(run / "checkpoints" / "checkpoint-00000004", "same_size_weights")
+    with pytest.warns(UserWarning, match="checkpoint-00000004.*does not match its manifest"):
+        s = run_train(tmp_path, **{"train.max_steps": 3, "train.resume": "latest", **common})
+    assert s["steps"] == 3
+    assert steps_saved(run) == [2, 3]
+    assert all(ckpt.verify(d) is None for d in ckpt.checkpoint_dirs(run / "checkpoints"))
 
 
 # ------------------------------------------------------- every user error: one line through scripts/train.py

@@ -792,8 +792,25 @@ CLI_CASES = {
     # ---- training
     "nonfinite-output": ("`optim.lr=1e30` (the weights overflow after one step)", None, ["optim.lr=1e30"],
                          "non-finite model output (slot vertices) at step 2"),
+    "run-folder-taken": ("a fresh run (no `--resume`) into a `train.output_dir` that holds another run",
+                         lambda t: _fake_checkpoints(t, False), [], "--overwrite"),
+    "disk-full": ("the disk fills up while a checkpoint is written (`ENOSPC`)", None, ["train.ckpt_every=1"],
+                  "is full"),
+    "disk-full-torch": ("the disk fills up inside torch's writer (`unexpected pos`, no errno)", None,
+                        ["train.ckpt_every=1"], "is full"),
 }
-SLOW_CASES = {"png-truncated", "png-all-sky", "nonfinite-output", "weights-garbage", "output-dir-under-file",
+# cases whose failure can't be set up as files: (monkeypatch) -> None
+CLI_PATCHES = {
+    "disk-full": lambda mp: _disk_fills_up(mp, "enospc"),
+    "disk-full-torch": lambda mp: _disk_fills_up(mp, "torch_unexpected_pos"),
+}
+# Not errors, but lines a user must be able to rely on: exit code 0, the last line of stdout as documented.
+NOTICE_CASES = {
+    "nothing-to-train": ("`--resume latest` on a run that already reached `train.max_steps`",
+                         lambda t: _finished_run(t), ["--resume", "latest"], "nothing to train"),
+}
+SLOW_CASES = {"run-folder-taken", "disk-full", "disk-full-torch",
+              "png-truncated", "png-all-sky", "nonfinite-output", "weights-garbage", "output-dir-under-file",
               "resume-run-folder", "resume-incomplete", "resume-latest-all-broken", "resume-file", "resume-corrupt",
               "resume-other-shape", "resume-nan-weights", "weights-list", "weights-int-keys", "weights-resnet18"}  # get past the model build
 
@@ -813,10 +830,17 @@ def _cli_module():
     return mod
 
 
+def _finished_run(t: Path) -> None:
+    """A run in t/run that trained to its train.max_steps (3), with its final checkpoint."""
+    from trainer_utils import override_args
+
+    assert _cli_module().main(override_args(tiny_overrides_for_cli(t))) == 0
+
+
 def _case_argv(t: Path, case: str) -> list[str]:
     from trainer_utils import override_args
 
-    _, setup, extra, _ = CLI_CASES[case]
+    _, setup, extra, _ = {**CLI_CASES, **NOTICE_CASES}[case]
     base = tiny_overrides_for_cli(t)
     if case == "synthetic-root-foreign":
         base["data.root"] = str(t / "frames")  # a folder of SYNTHIA frames, not made by the generator
@@ -833,21 +857,26 @@ def tiny_overrides_for_cli(t: Path) -> dict:
     return o
 
 
-def run_cli_case(t: Path, case: str, good: Path, capsys) -> tuple[int, str]:
-    """Set the case up under t, run scripts/train.py's main(); returns (exit code, stderr with <tmp>)."""
+def run_cli_case(t: Path, case: str, good: Path, capsys, monkeypatch=None, after_setup=None) -> tuple[int, str, str]:
+    """Set the case up under t, run scripts/train.py's main(); returns (exit code, stdout, stderr), with t as
+    <tmp>. `after_setup()` is called between the two."""
     import shutil
 
     shutil.copytree(good, t / "frames")
-    setup = CLI_CASES[case][1]
+    setup = {**CLI_CASES, **NOTICE_CASES}[case][1]
     if setup:
         setup(t)
+    if case in CLI_PATCHES:
+        CLI_PATCHES[case](monkeypatch)
+    if after_setup:
+        after_setup()
     capsys.readouterr()
     try:
         rc = _cli_module().main(_case_argv(t, case))
     except SystemExit as e:  # argparse's own exit
         rc = e.code
-    err = capsys.readouterr().err
-    return rc, err.replace(str(t), "<tmp>")
+    out, err = capsys.readouterr()
+    return rc, out.replace(str(t), "<tmp>"), err.replace(str(t), "<tmp>")
 
 
 def documented_errors() -> dict[str, str]:
@@ -864,19 +893,34 @@ def documented_errors() -> dict[str, str]:
 
 
 def test_errors_doc_lists_every_case():
-    assert set(documented_errors()) == set(CLI_CASES)
+    assert set(documented_errors()) == set(CLI_CASES) | set(NOTICE_CASES)
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("case", sorted(CLI_CASES, key=lambda c: (c in SLOW_CASES, list(CLI_CASES).index(c))))
-def test_user_error_is_one_documented_line(case, tmp_path, good_frames, capsys):
-    rc, err = run_cli_case(tmp_path, case, good_frames, capsys)
+def test_user_error_is_one_documented_line(case, tmp_path, good_frames, capsys, monkeypatch):
+    rc, _, err = run_cli_case(tmp_path, case, good_frames, capsys, monkeypatch)
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert rc == 2, err
     assert "Traceback" not in err, err
     assert lines and lines[-1].startswith("error: "), err
     assert CLI_CASES[case][3] in lines[-1], lines[-1]
     assert lines[-1] == "error: " + documented_errors().get(case, "<not in docs/errors.md>"), lines[-1]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("case", list(NOTICE_CASES))
+def test_notice_is_the_documented_last_line_and_the_run_folder_is_kept(case, tmp_path, good_frames, capsys):
+    def files() -> dict:  # config.yaml is rewritten with the same config at every start
+        return {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "config.yaml"}
+
+    before = {}
+    rc, out, err = run_cli_case(tmp_path, case, good_frames, capsys, after_setup=lambda: before.update(files()))
+    lines = [l for l in out.strip().splitlines() if l.strip()]
+    assert rc == 0 and "Traceback" not in err, err
+    assert NOTICE_CASES[case][3] in lines[-1], lines
+    assert lines[-1] == documented_errors().get(case, "<not in docs/errors.md>"), lines[-1]
+    assert before and files() == before  # summary.json and the checkpoints as they were
 
 
 def test_cli_error_in_a_real_process_from_a_dataloader_worker(tmp_path, good_frames):

@@ -49,7 +49,8 @@ def parse_args(argv: list[str]):
                    help="allow a fresh run into a folder that holds another run (train.overwrite=true)")
     p.add_argument("--traceback", action="store_true", help="show the full traceback of a user error")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
-    return p.parse_args(argv)
+    # intermixed: overrides may come before and after flags (`... train.log_every=20 --output-dir X data.device=cpu`)
+    return p.parse_intermixed_args(argv)
 
 
 def overrides_from_args(args) -> list[str]:

@@ -961,3 +961,23 @@ def test_a_real_write_failure_file_too_large_leaves_no_partial_checkpoint(tmp_pa
     assert lines[-1].endswith("the last complete checkpoint is none"), lines[-1]
     root = tmp_path / "run" / "checkpoints"
     assert root.is_dir() and not list(root.iterdir())  # no .tmp-*, no checkpoint-*
+
+
+# ------------------------------------------------------------------------------------------ W&B
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    # offline, no key: each session writes <output_dir>/wandb/offline-run-<time>-<run id>; `wandb sync` then
+    # uploads both into one W&B run only if the ids are equal
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    common = {"train.ckpt_every": 1, "train.wandb": "offline"}
+    run_train(tmp_path, **{"train.max_steps": 1, **common})
+    run_train(tmp_path, **{"train.max_steps": 2, "train.resume": "latest", **common})
+    sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    ids = {p.name.rsplit("-", 1)[1] for p in sessions}
+    assert len(sessions) == 2 and len(ids) == 1, [p.name for p in sessions]
+    # and a new run in another folder gets a W&B run of its own
+    run_train(tmp_path, **{"train.max_steps": 1, "train.output_dir": str(tmp_path / "other"), **common})
+    other = [p.name.rsplit("-", 1)[1] for p in (tmp_path / "other" / "wandb").glob("offline-run-*")]
+    assert len(other) == 1 and other[0] not in ids

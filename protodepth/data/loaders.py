@@ -181,8 +181,35 @@ class DeviceBatches:
         `collate_depth`'s, image (B, C, H, W) float32, cloud (B, N_max, 3) float32 zero-padded, lengths (B,)
         int64, paths list[str]; tensors on the device."""
         draw_epoch = epoch if self.dataset.vary_per_epoch else 0
-        for idx in self._batches(epoch)[start:]:
-            yield self.batch(idx, draw_epoch)
+        batches = self._batches(epoch)[start:]
+        if self.device.type != "cuda":
+            for idx in batches:
+                yield self.batch(idx, draw_epoch)
+            return
+        yield from self._prefetched(batches, draw_epoch)
+
+    def _prefetched(self, batches: list[list[int]], epoch: int) -> Iterator[dict]:
+        """On a GPU, batch k+1 is assembled on a side stream while the consumer's step k runs: the gathers and
+        the draw's sort overlap the training step instead of queueing behind it on one stream."""
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+
+        def assemble(idx):
+            side.wait_stream(main)  # the tensors it reads are final; memory freed by main may be reused here
+            with torch.cuda.stream(side):
+                b = self.batch(idx, epoch)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            return b, ready
+
+        nxt = assemble(batches[0]) if batches else None
+        for k in range(len(batches)):
+            cur, ready = nxt
+            nxt = assemble(batches[k + 1]) if k + 1 < len(batches) else None
+            main.wait_event(ready)
+            for v in cur.values():
+                if torch.is_tensor(v):
+                    v.record_stream(main)  # made on the side stream, used on the main one
+            yield cur
 
     def batch(self, indices: list[int], epoch: int) -> dict:
         """The batch of dataset indices `indices` with the point draw of `epoch`."""

@@ -19,6 +19,7 @@ DIST_TIMEOUT_S = 30
 # a dead or failing rank must end the job within the process-group timeout (measured: 1-3 s, the launcher
 # notices the exit at once); a hanging one is the separate case bounded by that timeout itself
 BOUND_S = DIST_TIMEOUT_S
+ORPHAN_BOUND_S = 5  # workers of a killed launcher get SIGTERM at once (measured: 0.3 s until they are gone)
 
 
 def free_port() -> int:
@@ -86,6 +87,46 @@ def test_one_rank_killed_ends_the_job_within_the_bound(tmp_path):
     # the launcher names the dead rank and the signal
     assert "rank      : 1" in out and "Signal 9 (SIGKILL)" in out, out[-4000:]
     assert pid_of_rank(tag, 0) is None  # no orphan left running
+
+
+def ended(pid: int) -> bool:
+    """The process is gone, or a zombie waiting to be reaped (it runs no more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers' pids through /proc")
+def test_killing_the_launcher_ends_its_workers(tmp_path):
+    """kill -9 of `accelerate launch` gives its workers no chance to be told; they must not train on as orphans
+    (holding GPUs, writing into the run folder). protodepth/training/accel.py asks Linux to end them."""
+    tag = uuid.uuid4().hex
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 200, "train.ckpt_every": 1})
+    log = tmp_path / "job.log"
+    p = launch(o, tag, log)
+    root = Path(o["train.output_dir"]) / "checkpoints"
+    end = time.monotonic() + 180
+    while not ckpt.checkpoint_dirs(root):  # both workers are training
+        assert p.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < end, log.read_text()[-4000:]
+        time.sleep(0.05)
+    workers = [pid_of_rank(tag, r) for r in (0, 1)]
+    assert None not in workers, workers
+    try:
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=10) == -signal.SIGKILL
+        t0 = time.monotonic()
+        while not all(ended(w) for w in workers) and time.monotonic() - t0 < ORPHAN_BOUND_S:
+            time.sleep(0.05)
+        assert all(ended(w) for w in workers), (workers, log.read_text()[-4000:])
+        print(f"workers ended {time.monotonic() - t0:.1f} s after the launcher was killed")
+    finally:
+        for w in workers:  # never leave an orphan behind, even when the test fails
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_one_rank_raising_ends_the_job_and_shows_its_error(tmp_path):

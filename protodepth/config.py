@@ -160,6 +160,10 @@ class TrainConfig:
     # eager step (BENCHMARKS.md). Needs one GPU process, no fp16, no accumulation, no compile. "auto": on exactly
     # when those hold (the run says so at start), true: on or a clear error, false: off.
     cuda_graphs: bool | str = "auto"
+    # How several processes average gradients: "ddp" (Accelerate's DDP wrapper, overlapping the all-reduce with
+    # the backward), "flat" (one flat gradient buffer all-reduced after the backward: what a replayed CUDA graph
+    # needs, since DDP's hooks do not run inside a replay), "auto": flat exactly when graphs are on.
+    data_parallel: str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exact resume tests
     viz_every: int = 0  # pictures + meshes of the current batch every N steps and at the end (0: only at the end)
     viz_images: int = 4  # images of the batch drawn per snapshot (the main process's share of the batch)
@@ -180,6 +184,7 @@ class TrainConfig:
         require(self.ckpt_limit >= 1, "train.ckpt_limit", f"got {self.ckpt_limit}, must be >= 1")
         require_one_of(self.wandb, "train.wandb", ("auto", "online", "offline", "disabled"))
         require_one_of(self.on_nonfinite, "train.on_nonfinite", ("error", "skip"))
+        require_one_of(self.data_parallel, "train.data_parallel", ("auto", "ddp", "flat"))
         require(self.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1 second")
         require(isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto", "train.cuda_graphs",
                f"got {self.cuda_graphs!r}, expected true, false or 'auto'")

@@ -84,6 +84,18 @@ def model_and_optimizer(cfg: Config, accelerator, deepspeed: bool):
     return model, optimizer
 
 
+def data_parallel_is_flat(cfg: Config, graphed: bool, world: int, deepspeed: bool) -> bool:
+    """Several processes average gradients through FlatGrads (True) or DDP's wrapper (False)."""
+    mode = cfg.train.data_parallel
+    if mode == "flat" and deepspeed:
+        raise ConfigError("train.data_parallel: flat does not run under DeepSpeed (its engine reduces gradients); "
+                          "use auto")
+    if mode == "ddp" and graphed and world > 1:
+        raise ConfigError("train.data_parallel: ddp cannot average a replayed CUDA graph's gradients (its hooks do "
+                          "not run in a replay); use auto or flat, or train.cuda_graphs=false")
+    return world > 1 and not deepspeed and (mode == "flat" or (mode == "auto" and graphed))
+
+
 def prepare_for_training(cfg: Config, acc, model, optimizer, loaders: list, flat: bool):
     """Hand model, optimizer and DataLoaders to Accelerate -> (model, optimizer, loaders, FlatGrads or None).
 
@@ -125,7 +137,7 @@ def build_run(cfg: Config) -> Run:
     if t.cuda_graphs is True and why_not:
         raise ConfigError(f"train.cuda_graphs: {why_not}; set train.cuda_graphs=false (or auto)")
     graphed = t.cuda_graphs is not False and why_not is None
-    flat = graphed and world > 1  # DDP's reducer does not run inside a replay: one flat buffer instead
+    flat = data_parallel_is_flat(cfg, graphed, world, deepspeed)
 
     model, optimizer = model_and_optimizer(cfg, acc, deepspeed)
     faces = model.faces

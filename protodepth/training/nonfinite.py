@@ -74,8 +74,8 @@ class NonFiniteGuard:
         """The deferred check needs an optimizer that can skip a step on the device: fused Adam (CUDA) reads
         `found_inf` as under a grad scaler. fp16 has the scaler itself; DeepSpeed steps its own optimizer."""
         t = cfg.train
-        fused = getattr(optimizer, "optimizer", optimizer).defaults.get("fused")
-        deferred = accelerator.device.type == "cuda" and not deepspeed and t.mixed_precision != "fp16" and fused
+        deferred = (accelerator.device.type == "cuda" and not deepspeed and t.mixed_precision != "fp16"
+                    and getattr(optimizer, "optimizer", optimizer).defaults.get("fused"))  # DeepSpeed's has none
         return cls(t.on_nonfinite, t.mixed_precision == "fp16", accelerator.process_index, accelerator.device,
                    deferred=bool(deferred))
 

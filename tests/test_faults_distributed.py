@@ -1,5 +1,6 @@
-"""Distributed faults: one of two CPU ranks dies (SIGKILL) or raises (a corrupt PNG that only it reads); the
-whole job must exit non-zero within a bounded time and show the failing rank's error."""
+"""Distributed faults: one of two CPU ranks dies (SIGKILL), raises (a corrupt PNG that only it reads) or hangs
+(SIGSTOP); the whole job must exit non-zero within a bounded time and show the failing rank's error. And the
+launcher itself killed: its workers must not train on."""
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 DIST_TIMEOUT_S = 30
 # a dead or failing rank must end the job within the process-group timeout (measured: 1-3 s, the launcher
-# notices the exit at once); a hanging one is the separate case bounded by that timeout itself
+# notices the exit at once); a hanging one is the separate case: that timeout plus the launcher's grace
 BOUND_S = DIST_TIMEOUT_S
 ORPHAN_BOUND_S = 5  # workers of a killed launcher get SIGTERM at once (measured: 0.3 s until they are gone)
 
@@ -161,10 +162,16 @@ def test_one_rank_raising_ends_the_job_and_shows_its_error(tmp_path):
     assert not ckpt.checkpoint_dirs(Path(o["train.output_dir"]) / "checkpoints")
 
 
-def test_one_rank_hanging_times_out_after_dist_timeout_s(tmp_path):
+LAUNCHER_GRACE_S = 30  # torch elastic's shutdown_timeout: SIGTERM to the workers, SIGKILL this much later
+
+
+def test_one_rank_hanging_ends_the_job_after_dist_timeout_s_plus_the_launchers_grace(tmp_path):
     """A rank that stops answering (SIGSTOP: stuck on I/O, a deadlock) is not seen by the launcher; the others
-    wait in a collective until train.dist_timeout_s and then fail, which ends the job."""
+    wait in a collective until train.dist_timeout_s and then fail. The launcher then sends SIGTERM to every
+    worker, which the stopped one cannot act on, and SIGKILL LAUNCHER_GRACE_S later: that is when the job
+    ends. The true bound, which README states: dist_timeout_s + up to one step + LAUNCHER_GRACE_S + teardown."""
     timeout_s = 20  # above the skew between ranks at startup on a loaded 2-core machine
+    slack_s = 15  # a step (rank 0 may enter its next collective up to one step after the stop) and teardown
     tag = uuid.uuid4().hex
     o = tiny_overrides(tmp_path, **{"train.max_steps": 200, "train.ckpt_every": 1, "train.dist_timeout_s": timeout_s})
     log = tmp_path / "job.log"
@@ -179,23 +186,23 @@ def test_one_rank_hanging_times_out_after_dist_timeout_s(tmp_path):
     assert victim is not None
     os.kill(victim, signal.SIGSTOP)
     t0 = time.monotonic()
+    timed_out_after = None
     try:
-        # rank 0's collective must give up after timeout_s. Then the launcher sends SIGTERM to the stopped rank,
-        # which a stopped process cannot act on (torchrun waits 30 s before SIGKILL); continue it at that point
-        # so the teardown is quick: the bound under test is the collective's timeout.
-        end = t0 + timeout_s + 60
-        while "Timed out" not in log.read_text():
-            assert time.monotonic() < end and p.poll() is None, log.read_text()[-4000:]
+        while p.poll() is None:
+            if timed_out_after is None and "Timed out" in log.read_text():
+                timed_out_after = time.monotonic() - t0
+            assert time.monotonic() - t0 < timeout_s + LAUNCHER_GRACE_S + 2 * slack_s, log.read_text()[-4000:]
             time.sleep(0.05)
-        timed_out_after = time.monotonic() - t0
-        os.kill(victim, signal.SIGCONT)
-        rc = wait(p, 60, log)
+        ended_after = time.monotonic() - t0
     finally:
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
     out = log.read_text()
-    assert rc != 0, out[-4000:]
-    assert timeout_s - 2 < timed_out_after < timeout_s + 30, (timed_out_after, out[-4000:])
+    print(f"rank 0 timed out {timed_out_after:.1f} s after the stop, the job ended after {ended_after:.1f} s")
+    assert p.returncode != 0, out[-4000:]
     assert f"Timed out waiting {timeout_s * 1000}ms" in out and "rank      : 0" in out, out[-4000:]
+    assert timeout_s - 2 < timed_out_after < timeout_s + slack_s, (timed_out_after, out[-4000:])
+    # the launcher's grace is the rest: the stopped rank is only ended by its SIGKILL
+    assert timeout_s + LAUNCHER_GRACE_S - 2 < ended_after < timeout_s + LAUNCHER_GRACE_S + slack_s, ended_after

@@ -617,6 +617,10 @@ def _replace_frame(t: Path, how: str) -> None:
         write_depth_png(f, np.full((24, 32), 1000.0))
     elif how == "rgb16":
         _png16_rgb(f)
+    elif how == "bomb":
+        from test_data_synthia import _bomb_png
+
+        _bomb_png(f)
     else:
         mode = {"gray": "L", "gray16": "I;16", "rgba": "RGBA", "palette": "P"}[how]
         Image.new(mode, (32, 24)).save(f, format="PNG")
@@ -743,6 +747,8 @@ CLI_CASES = {
     "k-nearest-too-large": ("`loss.k_nearest=40` with 2 slots x 16 samples = 32 predicted points", None,
                             ["loss.k_nearest=40"], "loss.k_nearest"),
     "choice-precision": ("`train.mixed_precision=fp8`", None, ["train.mixed_precision=fp8"], "train.mixed_precision"),
+    "fp16-on-cpu": ("`train.mixed_precision=fp16` where the run is on the CPU (it would train in fp32)", None,
+                    ["train.mixed_precision=fp16"], "train.mixed_precision"),
     "choice-nonfinite": ("`train.on_nonfinite=ignore`", None, ["train.on_nonfinite=ignore"], "train.on_nonfinite"),
     "choice-data-source": ("`data.source=kitti`", None, ["data.source=kitti"], "data.source"),
     "choice-cuda-graphs": ("`train.cuda_graphs=sometimes`", None, ["train.cuda_graphs=sometimes"], "train.cuda_graphs"),
@@ -781,6 +787,8 @@ CLI_CASES = {
     "png-rgb16": ("a 16-bit-per-channel RGB PNG", lambda t: _replace_frame(t, "rgb16"), [], "0000.png"),
     "png-rgba": ("an RGBA PNG", lambda t: _replace_frame(t, "rgba"), [], "0000.png"),
     "png-palette": ("a palette PNG", lambda t: _replace_frame(t, "palette"), [], "0000.png"),
+    "png-bomb": ("a PNG whose header claims 100000x100000 pixels (a decompression bomb)",
+                 lambda t: _replace_frame(t, "bomb"), [], "0000.png"),
     "png-truncated": ("a PNG cut in half (header intact: found when first loaded)",
                       lambda t: _replace_frame(t, "truncated"), [], "0000.png"),
     "png-all-sky": ("a frame where every pixel is sky (found when first loaded)",
@@ -801,6 +809,7 @@ CLI_CASES = {
 }
 # cases whose failure can't be set up as files: (monkeypatch) -> None
 CLI_PATCHES = {
+    "fp16-on-cpu": lambda mp: mp.setenv("ACCELERATE_USE_CPU", "1"),  # the CPU even on a GPU machine
     "disk-full": lambda mp: _disk_fills_up(mp, "enospc"),
     "disk-full-torch": lambda mp: _disk_fills_up(mp, "torch_unexpected_pos"),
 }

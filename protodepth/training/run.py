@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from protodepth.config import Config
-from protodepth.errors import ConfigError, DataSetupError
+from protodepth.errors import ConfigError, DataSetupError, UserError
 from protodepth.model import ProtoDepth
 from protodepth.training.accel import build_accelerator, end_with_launcher
 from protodepth.training.batches import LoaderBatches, training_batches
@@ -61,7 +61,9 @@ def _datasets(cfg: Config, accelerator):
     with accelerator.main_process_first():
         try:
             train_ds, val_ds = build_datasets(cfg.data, seed=cfg.train.seed)
-        except OSError as e:  # the data layer raises UserErrors naming the file; an OS failure gets named here
+        except UserError:  # the data layer's own errors name their file (some are FileNotFoundErrors too)
+            raise
+        except OSError as e:  # an OS failure the data layer did not name
             raise DataSetupError(f"data: {e}") from e
     need = cfg.train.batch_size * accelerator.num_processes
     if len(train_ds) < need:

@@ -117,16 +117,20 @@ class FlatGrads:
     def all_reduce_mean_(self, group: dist.ProcessGroup | None = None) -> None:
         """Average the gradients over the ranks of `group` (default: the whole world), in place.
 
-        Scales by 1/world first, then sums (as DDP does, and because gloo has no AVG); all buckets are
+        NCCL averages in the reduction; gloo has no AVG, so there it scales by 1/world first, then sums; all buckets are
         launched asynchronously, then waited on. A no-op without a process group or with one rank."""
         if not dist.is_available() or not dist.is_initialized():
             return
         world = dist.get_world_size(group)
         if world == 1:
             return
-        for buf in self.buffers.values():
-            buf.mul_(1.0 / world)
-        works = [dist.all_reduce(b, op=dist.ReduceOp.SUM, group=group, async_op=True) for b in self.buckets]
+        if dist.get_backend(group) == "nccl":  # NCCL averages inside the reduction: no extra pass over the buffer
+            op = dist.ReduceOp.AVG
+        else:
+            op = dist.ReduceOp.SUM
+            for buf in self.buffers.values():
+                buf.mul_(1.0 / world)
+        works = [dist.all_reduce(b, op=op, group=group, async_op=True) for b in self.buckets]
         for w in works:
             w.wait()
 

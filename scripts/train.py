@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a Proto-Depth model.
 
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml scripts/train.py                       # built-in synthetic scenes, configs/quickstart.yaml
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml scripts/train.py   # synthetic scenes, quickstart
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml scripts/train.py \\
         --config configs/original.yaml data.root=/data/SYNTHIA-SF
     python scripts/train.py train.max_steps=50 train.wandb=disabled --output-dir runs/debug   # one process

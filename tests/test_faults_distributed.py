@@ -2,6 +2,7 @@
 (SIGSTOP); the whole job must exit non-zero within a bounded time and show the failing rank's error. And the
 launcher itself killed: its workers must not train on."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -156,7 +157,8 @@ def test_one_rank_raising_ends_the_job_and_shows_its_error(tmp_path):
     out = log.read_text()
     assert rc != 0 and elapsed < BOUND_S, (rc, elapsed, out[-4000:])
     print(f"job ended {elapsed:.1f} s after rank 1's error")
-    err = [l for l in out.splitlines() if l.startswith("[rank 1] error:")]
+    # both ranks write into one stream: rank 0's progress bar (ended by \r, not \n) may precede the line
+    err = re.findall(r"\[rank 1\] error: [^\r\n]*", out)
     assert len(err) == 1 and bad.name in err[0] and "truncated or corrupt" in err[0], out[-4000:]
     assert "rank      : 1" in out and "exitcode  : 2" in out  # the launcher names the failing rank too
     assert not ckpt.checkpoint_dirs(Path(o["train.output_dir"]) / "checkpoints")

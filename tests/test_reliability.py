@@ -527,14 +527,16 @@ def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_moves_the_old_r
 def test_a_resume_of_a_finished_run_trains_nothing_and_keeps_its_summary(tmp_path, capsys):
     run = tmp_path / "run"
     run_train(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})
-    summary = (run / "summary.json").read_bytes()
+    summary, config = (run / "summary.json").read_bytes(), (run / "config.yaml").read_bytes()
     capsys.readouterr()
-    again = run_train(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1, "train.resume": "latest"})
+    again = run_train(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1, "train.resume": "latest",
+                                   "train.log_every": 7})
     out = capsys.readouterr().out
     assert f"nothing to train: the run in {run} is already at step 2 of train.max_steps=2" in out, out
     assert "Running training" not in out
     assert (run / "summary.json").read_bytes() == summary  # not rewritten with an empty `final` and wall_s 0
     assert again == json.loads(summary) and steps_saved(run) == [1, 2]
+    assert (run / "config.yaml").read_bytes() == config  # the finished run's config, not this call's
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state", "forget_broken")

@@ -61,11 +61,17 @@ class Checkpointer:
         self.out = Path(cfg.train.output_dir)
         self.root = self.out / "checkpoints"
 
-    def prepare_folder(self, min_free_bytes: int) -> None:
-        """Before any checkpoint exists: claim the folder, check it can hold one, clear half-written leftovers."""
-        t = self.cfg.train
+    def claim(self) -> None:
+        """First thing a run does (seconds, before the model and data are built): a fresh run may not land in
+        another run's folder."""
         if self.acc.is_main_process:
+            t = self.cfg.train
             claim_run_folder(self.out, t.resume, t.overwrite, self.log)
+        self.acc.wait_for_everyone()
+
+    def prepare_folder(self, min_free_bytes: int) -> None:
+        """Before any checkpoint is written: the folder can hold one; half-written leftovers are cleared."""
+        if self.acc.is_main_process:
             check_writable(self.out, min_free_bytes)
             ckpt.clean_stale_temps(self.root)
         self.acc.wait_for_everyone()

@@ -132,6 +132,8 @@ def build_run(cfg: Config) -> Run:
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
     if t.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU (on the CPU it would train in fp32); use bf16 or no")
+    checkpointer = Checkpointer(cfg, acc, acc.print)
+    checkpointer.claim()
     set_seed(t.seed, device_specific=False)
     train_ds, val_ds = _datasets(cfg, acc)
     world = acc.num_processes
@@ -145,7 +147,6 @@ def build_run(cfg: Config) -> Run:
     faces = model.faces
     workers = _workers(cfg)
     train_src, val_src, data_note, loaders = training_batches(cfg, acc, train_ds, val_ds, workers)
-    checkpointer = Checkpointer(cfg, acc, acc.print)
     checkpointer.prepare_folder(min_free_bytes=4 * sum(p.numel() * p.element_size() for p in model.parameters())
                                 + (64 << 20))
     model, optimizer, loaders, grad_sync = prepare_for_training(cfg, acc, model, optimizer, loaders, flat)
@@ -156,7 +157,8 @@ def build_run(cfg: Config) -> Run:
     state = TrainState()
     acc.register_for_checkpointing(state)
     folder = checkpointer.resume(model)
-    if acc.is_main_process:
+    finished = state.step >= t.max_steps  # a resume of a finished run: keep its config.yaml and W&B run as they are
+    if acc.is_main_process and not finished:
         cfg.save(Path(t.output_dir) / "config.yaml")
     acc.wait_for_everyone()
 
@@ -167,7 +169,8 @@ def build_run(cfg: Config) -> Run:
     reporter = Reporter(acc, cfg, state, world)
     if folder is not None:
         reporter.say(f"resumed from {folder} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    start_tracking(acc, cfg, state, wandb_mode, reporter.say)
+    if not finished:
+        start_tracking(acc, cfg, state, wandb_mode, reporter.say)
     graphs_note = "on" if graphed else f"off ({why_not})" if t.cuda_graphs == "auto" else "off (train.cuda_graphs=false)"
     return Run(cfg, acc, model, optimizer, faces, train_src, val_src, step, state, checkpointer, reporter,
                StepPlan(t, val_src is not None), graphs_note, wandb_mode, data_note, len(train_ds), len(val_ds))

@@ -89,8 +89,6 @@ def _options_without_help() -> dict[str, list[str]]:
     return {prog: opts for prog, opts in found.items() if opts}
 
 
-@pytest.mark.xfail(reason="the benchmark modules (the lead's) still lack some help texts; drop this marker once "
-                          "they have them", strict=False)
 def test_every_benchmark_option_has_help_text():
     assert _options_without_help() == {}
 

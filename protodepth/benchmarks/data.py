@@ -41,11 +41,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=32, help="synthetic frames to render (default 32)")
     p.add_argument("--frame-size", type=_size, default=(1080, 1920), help="depth PNG size HxW (default 1080x1920)")
     p.add_argument("--input", type=_size, default=(240, 320), help="network input HxW (default 240x320)")
-    p.add_argument("--num-bins", type=int, default=5)
-    p.add_argument("--points-per-bin", type=int, default=4000)
+    p.add_argument("--num-bins", type=int, default=5, help="depth bins of the target cloud (data.num_bins)")
+    p.add_argument("--points-per-bin", type=int, default=4000, help="target points drawn per bin (data.points_per_bin)")
     p.add_argument("--pool-per-bin", type=int, default=0,
                    help="data.pool_per_bin of both paths (default 0: all points)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--image-channels", type=int, default=3, choices=[1, 3],
                    help="data.image_channels: 3 (default, the trainer's contract) or 1 (a third of the image bytes)")
     p.add_argument("--workers", default=None,

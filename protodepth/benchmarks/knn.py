@@ -241,8 +241,8 @@ def _host(args, knn_points_triton) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmark.py knn", description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="shapes to time (default: all)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES), help="point dtypes")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch fallback (slow on large shapes)")
     ap.add_argument("--rep-ms", type=float, default=200.0, help="do_bench repetition budget per measurement (ms)")
     ap.add_argument("--sweep", action="store_true", help="time forward tilings (block_q, block_c, warps, splits)")

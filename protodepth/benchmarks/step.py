@@ -261,11 +261,11 @@ def profile(step_fn, label: str, top: int = 15) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="benchmark.py step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--ico-level", type=int, default=4)
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES), help="shapes to time (none: only --loader)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="precisions to time")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (graph capture included)")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps; the median is reported")
+    p.add_argument("--ico-level", type=int, default=4, help="icosphere level of the prototypes")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--adam", default="fused", choices=["fused", "foreach"], help="Adam implementation")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--loader", action="store_true",
                    help="also time the step fed by the real DataLoader over the preprocessed cache")
     p.add_argument("--loader-config", default="configs/throughput_b32.yaml", help="config of the --loader run")
-    p.add_argument("--loader-steps", type=int, default=50)
+    p.add_argument("--loader-steps", type=int, default=50, help="steps per way of the --loader run")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmark.py step needs a CUDA GPU")

@@ -101,7 +101,7 @@ def startup_lines(run: Run) -> dict[str, str]:
 
 def finish(run: Run) -> dict:
     """The end-of-run summary, written and printed once; then the run's resources are freed."""
-    acc, st = run.accelerator, run.state
+    acc = run.accelerator
     # every rank's parameter checksum: equal values prove the replicas stayed in step (DDP / DeepSpeed)
     with torch.no_grad():
         local = sum(p.detach().double().sum() for p in acc.unwrap_model(run.model).parameters())

@@ -99,7 +99,8 @@ def main(argv: list[str]) -> int:
                 print(f"| {r['processes']} | {r['distributed_type']} | {'on' if r.get('cuda_graphs') else 'off'} | "
                       f"{r['step_s']:.4f} | {r['samples_per_s']:.0f} | {eff} |")
     accelerator.wait_for_everyone()
-    del model, step_fn
+    step_fn.model = step_fn.optimizer = step_fn.graphed = None  # free the engine before the group ends
+    del model
     accelerator.free_memory()
     accelerator.end_training()
     return 0

@@ -21,7 +21,7 @@ class Reporter:
         self.samples_last = state.samples
         self.loss_sum, self.loss_n = None, 0  # this log interval's losses, summed on the device
         self.rates: list[float] = []  # samples/s of every log interval of this session
-        self.last_terms: dict[str, float] = dict(getattr(state, "final", None) or {})
+        self.last_terms: dict[str, float] = dict(state.final)  # a resumed run starts from its last log point
 
     def say(self, msg: str) -> None:
         """A line for the user (main process), printed above the progress bar."""

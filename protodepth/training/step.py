@@ -11,7 +11,6 @@ reducer hooks do not run inside a replay).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -150,6 +149,3 @@ class TrainStep:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-
-def finite_or_nan(x: torch.Tensor | None) -> float:
-    return math.nan if x is None else float(x)

@@ -130,3 +130,18 @@ def test_half_precision_trains_on_gpu(tmp_path, precision):
                                        **FIXED_BATCH}))
     losses = [l for _, l in s["history"]]
     assert all(math.isfinite(l) for l in losses) and losses[-1] < 0.6 * losses[0], losses
+
+
+def test_a_run_says_what_it_does_and_validates_at_the_end(tmp_path, capsys):
+    """The start-up block, a line per validation, checkpoint and picture, and a final validation even when
+    max_steps is not a multiple of val_every (summary.json's `val` is never empty then)."""
+    s = train(tiny_config(tmp_path, **{"train.max_steps": 4, "train.val_every": 3, "train.ckpt_every": 2,
+                                       "train.log_every": 2}))
+    out = capsys.readouterr().out
+    assert "***** Running training *****" in out, out
+    for key in ("data", "model", "processes", "steps", "precision", "output"):
+        assert f"\n  {key}: " in out, key
+    assert "global batch 2" in out and "4 optimizer steps from step 0" in out
+    assert "step 3: validation " in out and "step 4: validation " in out
+    assert "step 2: checkpoint " in out and "step 4: checkpoint " in out and "step 4: pictures in " in out
+    assert s["val"] and [step for step, _ in s["val_history"]] == [3, 4]

@@ -157,8 +157,8 @@ class TrainConfig:
     run_name: str | None = None  # W&B run name (default: the run folder's name)
     compile: bool = False  # torch.compile the model's forward
     # Replay forward + loss + backward from CUDA graphs: removes the host's kernel-launch time, which bounds the
-    # eager step (BENCHMARKS.md). Needs one GPU process, no fp16, no accumulation, no compile. "auto": on exactly
-    # when those hold (the run says so at start), true: on or a clear error, false: off.
+    # eager step (BENCHMARKS.md). protodepth.cuda_graphs.blocker says which runs can use them. "auto": on exactly
+    # when the run can (it says why not at start), true: on or a clear error, false: off.
     cuda_graphs: bool | str = "auto"
     # How several processes average gradients: "ddp" (Accelerate's DDP wrapper, overlapping the all-reduce with
     # the backward), "flat" (one flat gradient buffer all-reduced after the backward: what a replayed CUDA graph

@@ -33,6 +33,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.utils._pytree import tree_map
 
+from protodepth.errors import GraphCaptureError
+
 
 class _Captured(NamedTuple):
     graph: torch.cuda.CUDAGraph
@@ -142,8 +144,8 @@ class GraphedStep:
                 outputs = self._run(key)
         except RuntimeError as e:
             # e.g. an op that reads a device value on the host; say how to keep training meanwhile
-            raise RuntimeError(f"CUDA graph capture of the training step failed: {e}\n"
-                               "train.cuda_graphs=false trains without graphs") from e
+            raise GraphCaptureError(f"CUDA graph capture of the training step failed: {e}; "
+                                    "train.cuda_graphs=false trains without graphs") from e
         # Later graphs may reuse this graph's freed temporaries, so replaying one graph can overwrite another's
         # outputs: only the outputs of the latest replay are valid, which is all a training step reads.
         self.pool = graph.pool()
@@ -158,7 +160,8 @@ def config_blocker(cfg) -> str | None:
     runtime (`auto`, through `blocker`) both ask here, so each reason has one wording."""
     t = cfg.train
     if t.grad_accum > 1:
-        return "needs train.grad_accum=1: a captured backward assigns gradients, it cannot add to them"
+        return ("needs train.grad_accum=1: one process's captured backward assigns its gradients instead of adding "
+                "to them")
     if t.mixed_precision == "fp16":
         return "does not work with fp16's grad scaler; bf16 does"
     if t.compile:
@@ -170,12 +173,15 @@ def config_blocker(cfg) -> str | None:
     return None
 
 
-def blocker(cfg, device: torch.device, deepspeed: bool) -> str | None:
+def blocker(cfg, device: torch.device, deepspeed: bool, world: int = 1) -> str | None:
     """Why this run cannot replay its step from CUDA graphs (None: it can)."""
     if device.type != "cuda":
         return f"needs a CUDA GPU, this run is on {device}"
     if deepspeed:
         return "does not run under DeepSpeed: its engine owns the backward and the optimizer step"
+    if world > 1 and cfg.train.data_parallel == "ddp":
+        return ("train.data_parallel=ddp averages gradients from autograd hooks, which do not run inside a replay; "
+                "train.data_parallel=auto (or flat) works with graphs")
     why = config_blocker(cfg)
     if why:
         return why

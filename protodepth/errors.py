@@ -49,6 +49,10 @@ class InferError(UserError, ValueError):
     """A bad checkpoint or input for inference; the message names the file or folder."""
 
 
+class GraphCaptureError(UserError, RuntimeError):
+    """The training step could not be captured in a CUDA graph; the message says how to train without graphs."""
+
+
 class RunFolderError(UserError, RuntimeError):
     """The run folder holds another run, or can't be written."""
 

@@ -125,8 +125,10 @@ def _nothing_to_train(run: Run) -> dict:
     t, out = run.cfg.train, Path(run.cfg.train.output_dir)
     run.reporter.say(f"nothing to train: the run in {out} is already at step {run.state.step} of train.max_steps="
                      f"{t.max_steps}; raise --max-steps to train further")
-    path = out / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {"steps": run.state.step}
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):  # missing or damaged: the run's own files are left as they are
+        summary = {"steps": run.state.step}
     _teardown(run)
     return summary
 

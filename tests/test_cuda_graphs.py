@@ -67,7 +67,9 @@ def test_cuda_graphs_blocker_names_the_reason_in_the_config_words(tmp_path, monk
     assert needle in blocker(cfg, torch.device("cuda"), deepspeed=False)
     assert blocker(cfg, torch.device("cuda"), deepspeed=False) == config_blocker(cfg)  # one wording
     assert "DeepSpeed" in blocker(tiny_config(tmp_path), torch.device("cuda"), deepspeed=True)
-    assert blocker(tiny_config(tmp_path), torch.device("cuda"), deepspeed=False) is None  # DDP is allowed
+    assert blocker(tiny_config(tmp_path), torch.device("cuda"), deepspeed=False, world=2) is None  # DDP is allowed
+    ddp = tiny_config(tmp_path, **{"train.data_parallel": "ddp"})
+    assert "data_parallel=auto" in blocker(ddp, torch.device("cuda"), deepspeed=False, world=2)
 
 
 def test_cuda_graphs_blocker_needs_the_triton_knn(tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
                        {"no": "fp32"}.get(args.precision, args.precision), args.ico_level)
     accelerator = build_accelerator(cfg, "disabled")
     device = accelerator.device
-    why_not = blocker(cfg, device, accelerator.distributed_type.name == "DEEPSPEED")
+    why_not = blocker(cfg, device, accelerator.distributed_type.name == "DEEPSPEED", accelerator.num_processes)
     graphed = not args.eager and why_not is None
     torch.manual_seed(accelerator.process_index)
     step_fn, model = trainer_step(cfg, graphed, accelerator)

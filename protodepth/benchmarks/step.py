@@ -80,7 +80,7 @@ def trainer_step(cfg, graphed: bool, accelerator=None):
     model, opt, _, sync = prepare_for_training(cfg, acc, model, opt, [], flat=graphed and acc.num_processes > 1)
     guard = NonFiniteGuard.for_run(cfg, acc, opt, deepspeed=deepspeed)
     faces = acc.unwrap_model(model).faces.to(acc.device)
-    step = TrainStep(cfg, acc, model, opt, faces, graphed=graphed, grad_sync=sync, guard=guard)
+    step = TrainStep(cfg, acc, model, opt, faces, graphed=graphed, grad_sync=sync, guard=guard, deepspeed=deepspeed)
     return step, model
 
 

@@ -194,7 +194,7 @@ class DeviceBatches:
         side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
 
         def assemble(idx):
-            side.wait_stream(main)  # the tensors it reads are final; memory freed by main may be reused here
+            side.wait_stream(main)  # what it reads is final (the dataset's first copies to the device were on main)
             with torch.cuda.stream(side):
                 b = self.batch(idx, epoch)
                 ready = torch.cuda.Event()

@@ -31,8 +31,10 @@ def deepspeed_plugin(cfg: Config):
     from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.train.grad_accum)
-    # explicit: the plugin drops a falsy 0.0, and DeepSpeed then clips at 1.0 by default
+    # explicit: the plugin drops a falsy 0.0 (DeepSpeed then clips at 1.0), and a value in a DeepSpeed config
+    # file would otherwise win over ours with only a log line
     plugin.deepspeed_config["gradient_clipping"] = float(cfg.optim.grad_clip)
+    plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.train.grad_accum
     precision = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.mixed_precision)
     if precision:
         plugin.deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": precision}
@@ -41,7 +43,7 @@ def deepspeed_plugin(cfg: Config):
 
 def build_accelerator(cfg: Config, wandb_mode: str):
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
     t = cfg.train
     timeout = datetime.timedelta(seconds=t.dist_timeout_s)
@@ -55,7 +57,10 @@ def build_accelerator(cfg: Config, wandb_mode: str):
     deepspeed = uses_deepspeed()
     return Accelerator(
         mixed_precision="no" if deepspeed else t.mixed_precision,  # DeepSpeed autocasts itself (above)
-        gradient_accumulation_steps=t.grad_accum,
+        # Windows of exactly grad_accum micro-batches, also across an epoch's end: Accelerate would otherwise close
+        # a short window at the end of a DataLoader's epoch (not on the on-device path, whose batches are no
+        # DataLoader), so the two paths, and a resumed run, would step at different micro-batches.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         deepspeed_plugin=deepspeed_plugin(cfg) if deepspeed else None,
         log_with=None if wandb_mode == "disabled" else "wandb",
         project_config=ProjectConfiguration(project_dir=t.output_dir, automatic_checkpoint_naming=False),

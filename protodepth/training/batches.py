@@ -56,6 +56,12 @@ def training_batches(cfg, accelerator, train_ds, val_ds, workers: int):
     `choose_data_device` picks it, else DataLoaders that Accelerate prepares (shards and places)."""
     t = cfg.train
     where = choose_data_device(cfg.data, train_ds, accelerator.device)
+    # every rank must take the same path (their accumulation windows and collectives follow it); free memory is
+    # per GPU, so "auto" may differ between ranks: the device path only if every rank chose it
+    on_device = torch.tensor(float(where == "cuda"), device=accelerator.device)
+    if accelerator.num_processes > 1 and float(accelerator.gather(on_device.reshape(1)).min()) < 1:
+        where = type(where)("cpu", "data.device=auto: another rank's GPU has too little free memory, batches come "
+                                   "from DataLoader workers on every rank")
     want_val = bool(len(val_ds) and t.val_every)
     if where == "cuda":
         rank, world, dev = accelerator.process_index, accelerator.num_processes, accelerator.device

@@ -1,5 +1,5 @@
 """`Checkpointer`: owns the run folder: the check that a fresh run does not land in another run's folder,
-saving (atomic, verified: protodepth/checkpoint.py), resuming, and retention of this run's checkpoints."""
+saving and resuming. Which checkpoint is good and which may be deleted is protodepth/checkpoint.py's rule."""
 from __future__ import annotations
 
 import datetime
@@ -47,11 +47,18 @@ def claim_run_folder(out: Path, resume: str | None, overwrite: bool, log) -> Non
             f"train.output_dir: {out} already holds a run ({what}); pass --resume latest to continue it, "
             "--output-dir to start a new run elsewhere, or --overwrite to start over here (the old run is moved "
             "into a replaced-* folder, not deleted)")
-    aside = out / f"replaced-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
-    for name in ("checkpoints", "viz", "wandb") + RUN_FILES:
-        if (out / name).exists():
-            (out / name).rename(aside / name)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside, n = out / f"replaced-{stamp}", 1
+    while aside.exists():  # two overwrites within a second
+        aside, n = out / f"replaced-{stamp}-{n}", n + 1
+    try:
+        aside.mkdir()
+        for name in ("checkpoints", "viz", "wandb") + RUN_FILES:
+            if (out / name).exists():
+                (out / name).rename(aside / name)
+    except OSError as e:
+        raise RunFolderError(f"train.output_dir: --overwrite could not move the earlier run in {out} aside into "
+                             f"{aside} ({e.strerror or e}); choose another --output-dir") from None
     log(f"--overwrite: the earlier run in {out} was moved to {aside}")
 
 

@@ -92,9 +92,6 @@ def data_parallel_is_flat(cfg: Config, graphed: bool, world: int, deepspeed: boo
     if mode == "flat" and deepspeed:
         raise ConfigError("train.data_parallel: flat does not run under DeepSpeed (its engine reduces gradients); "
                           "use auto")
-    if mode == "ddp" and graphed and world > 1:
-        raise ConfigError("train.data_parallel: ddp cannot average a replayed CUDA graph's gradients (its hooks do "
-                          "not run in a replay); use auto or flat, or train.cuda_graphs=false")
     return world > 1 and not deepspeed and (mode == "flat" or (mode == "auto" and graphed))
 
 
@@ -130,6 +127,9 @@ def build_run(cfg: Config) -> Run:
         torch.use_deterministic_algorithms(True)
     acc = build_accelerator(cfg, wandb_mode)
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and t.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite: skip cannot drop a step under DeepSpeed (its engine steps the optimizer "
+                          "inside backward); use error")
     if t.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU (on the CPU it would train in fp32); use bf16 or no")
     checkpointer = Checkpointer(cfg, acc, acc.print)
@@ -137,7 +137,7 @@ def build_run(cfg: Config) -> Run:
     set_seed(t.seed, device_specific=False)
     train_ds, val_ds = _datasets(cfg, acc)
     world = acc.num_processes
-    why_not = blocker(cfg, acc.device, deepspeed)
+    why_not = blocker(cfg, acc.device, deepspeed, world)
     if t.cuda_graphs is True and why_not:
         raise ConfigError(f"train.cuda_graphs: {why_not}; set train.cuda_graphs=false (or auto)")
     graphed = t.cuda_graphs is not False and why_not is None
@@ -164,7 +164,8 @@ def build_run(cfg: Config) -> Run:
 
     guard = NonFiniteGuard.for_run(cfg, acc, optimizer, deepspeed)
     guard.skipped = state.skipped_steps
-    step = TrainStep(cfg, acc, model, optimizer, faces, graphed=graphed, grad_sync=grad_sync, guard=guard)
+    step = TrainStep(cfg, acc, model, optimizer, faces, graphed=graphed, grad_sync=grad_sync, guard=guard,
+                     deepspeed=deepspeed)
     step.set_lr(state.step)
     reporter = Reporter(acc, cfg, state, world)
     if folder is not None:

@@ -45,10 +45,11 @@ def micro_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 class TrainStep:
     def __init__(self, cfg: Config, accelerator, model, optimizer, faces: torch.Tensor, *,
-                 graphed: bool = False, grad_sync=None, guard: NonFiniteGuard | None = None):
+                 graphed: bool = False, grad_sync=None, guard: NonFiniteGuard | None = None,
+                 deepspeed: bool = False):
         self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
         self.faces, self.grad_sync = faces, grad_sync
-        self.deepspeed = type(model).__name__ == "DeepSpeedEngine"
+        self.deepspeed = deepspeed  # the engine owns backward, clipping and the optimizer step
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)
         self.guard = guard or NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.mixed_precision == "fp16",
@@ -102,6 +103,8 @@ class TrainStep:
             norm = self._sync_and_clip()
             if self.guard.gate(acc, norm, self.inner_optimizer, step + 1, epoch, self.paths):
                 self.optimizer.step()
+            elif acc.scaler is not None:  # a dropped fp16 step: the scaler still closes this step's unscale_()
+                acc.scaler.update()
             self.zero_grad()
             self.paths = []
             self.set_lr(step + 1)
@@ -109,8 +112,9 @@ class TrainStep:
 
     def _sync_and_clip(self) -> torch.Tensor | None:
         """Average gradients across ranks (FlatGrads), unscale (fp16), clip; the norm before clipping."""
-        if self.deepspeed:  # the engine clips (optim.grad_clip, set on its plugin) and steps itself
-            return None
+        if self.deepspeed:  # the engine clipped (optim.grad_clip, on its plugin) and stepped inside backward
+            norm = self.model.get_global_grad_norm()
+            return None if norm is None else torch.as_tensor(float(norm), dtype=torch.float64)
         if self.grad_sync is not None:
             self.grad_sync.all_reduce_mean_()
         if self.accelerator.scaler is not None:

@@ -8,7 +8,8 @@ on a 2-core CPU and nothing that concerns the geometry ops. One small shape each
 import pytest
 import torch
 
-from protodepth.config import LossConfig
+from loss_inputs import small_loss_problem
+
 from protodepth.geometry import (
     chamfer_distance,
     ico_sphere,
@@ -17,7 +18,7 @@ from protodepth.geometry import (
     mesh_laplacian_smoothing,
     mesh_normal_consistency,
 )
-from protodepth.loss import SamplingLevel, draw_uniforms, proto_depth_loss
+from protodepth.loss import draw_uniforms, proto_depth_loss
 
 
 @pytest.fixture(autouse=True)
@@ -82,14 +83,7 @@ def test_mesh_losses_compile_fullgraph_and_match_eager():
 
 
 def test_whole_loss_compiles_fullgraph_with_draws_as_tensors_and_matches_eager():
-    verts, faces = ico_sphere(1)
-    g = torch.Generator().manual_seed(0)
-    slot_verts = (verts[None, None] * 0.5 + torch.randn(2, 3, 1, 3, generator=g)).requires_grad_()
-    protos = (verts[None].repeat(2, 1, 1) + 0.05 * torch.randn(2, verts.shape[0], 3, generator=g)).requires_grad_()
-    target = torch.randn(2, 40, 3, generator=g)
-    lengths = torch.tensor([40, 17])
-    cfg = LossConfig(samples_per_slot=8)
-    level = SamplingLevel(8, 30)
+    slot_verts, protos, faces, target, lengths, cfg, level, g = small_loss_problem()
     draws = draw_uniforms(2, 3, 40, level, generator=g)
     assert draws.target_keys is not None
 

@@ -3,7 +3,8 @@ inputs that the eager checks would refuse (zero-area meshes, non-finite vertices
 import pytest
 import torch
 
-from protodepth.config import LossConfig
+from loss_inputs import small_loss_problem
+
 from protodepth.geometry import (
     capture_mode,
     chamfer_distance,
@@ -12,7 +13,7 @@ from protodepth.geometry import (
     knn_points,
     sample_points_from_meshes,
 )
-from protodepth.loss import SamplingLevel, proto_depth_loss
+from protodepth.loss import proto_depth_loss
 
 
 def _no_host_reads(monkeypatch):
@@ -71,14 +72,7 @@ def test_lengths_out_of_range_are_refused_eagerly_only():
 
 
 def test_loss_and_ops_make_no_host_read_in_capture_mode(monkeypatch):
-    verts, faces = ico_sphere(1)
-    g = torch.Generator().manual_seed(0)
-    slot_verts = (verts[None, None] * 0.5 + torch.randn(2, 3, 1, 3, generator=g)).requires_grad_()
-    protos = (verts[None].repeat(2, 1, 1) + 0.05 * torch.randn(2, verts.shape[0], 3, generator=g)).requires_grad_()
-    target = torch.randn(2, 40, 3, generator=g)
-    lengths = torch.tensor([40, 17])
-    cfg = LossConfig(samples_per_slot=8)
-    level = SamplingLevel(8, 30)
+    slot_verts, protos, faces, target, lengths, cfg, level, g = small_loss_problem()
 
     def step():
         res = proto_depth_loss(slot_verts, protos, faces, target, lengths, cfg, level,

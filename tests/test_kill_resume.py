@@ -64,10 +64,12 @@ def wait_for(p: subprocess.Popen, cond, timeout: float = 90.0) -> bool:
 
 
 def fresh_dir(path: Path, since: float) -> bool:
-    """`path` is a folder made at or after `since` (so not a stale one left by the previous kill)."""
+    """`path` is a folder holding a file written at or after `since`: the new process is writing it. Not the
+    folder's own mtime: a stale folder left by the previous kill gets a new mtime while the new process deletes
+    its files at start-up."""
     try:
-        return path.is_dir() and path.stat().st_mtime >= since
-    except FileNotFoundError:  # renamed away between the two calls
+        return path.is_dir() and any(f.stat().st_mtime >= since for f in path.rglob("*") if f.is_file())
+    except FileNotFoundError:  # deleted or renamed away while we looked
         return False
 
 

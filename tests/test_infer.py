@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,18 +11,11 @@ import pytest
 import trimesh
 from PIL import Image
 
-from trainer_utils import REPO, python, run_script, tiny_config
+from trainer_utils import load_script, python, run_script, tiny_config
 from protodepth.errors import InferError
 
 
-def load_infer():
-    spec = importlib.util.spec_from_file_location("protodepth_infer_script", REPO / "scripts" / "infer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-infer = load_infer()
+infer = load_script("infer")
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -2,24 +2,15 @@
 error starts with a blank line, and the last line names the number a user compares with the trainer's."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from trainer_utils import REPO, tiny_config
+from trainer_utils import load_script, tiny_config
 
 
-def load_infer():
-    spec = importlib.util.spec_from_file_location("protodepth_infer_cli", REPO / "scripts" / "infer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-infer = load_infer()
+infer = load_script("infer")
 
 
 @pytest.mark.parametrize("args, line", [

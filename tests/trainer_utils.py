@@ -71,3 +71,13 @@ def python() -> str:
 
 def accelerate_bin() -> str:
     return str(Path(sys.executable).parent / "accelerate")
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package), e.g. load_script("infer").main(argv)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"protodepth_script_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -21,9 +21,11 @@ What a graph needs, and how this module provides it:
 - Cached geometry. The captured mesh losses read the cached topology tensors by address; the object keeps
   references to them, so that a cache eviction cannot free memory a replay still reads.
 
-Data parallel: DDP's reducer hooks do not run inside a replay, so several processes use `keep_grads` with
-`protodepth.grad_sync.FlatGrads`: the replay writes every gradient into one flat buffer, which the trainer
-all-reduces after the replay. Limits: no DeepSpeed (its engine owns backward and step), no gradient
+Data parallel: DDP's reducer hooks do not run inside a replay, so several processes pass a
+`protodepth.grad_sync.FlatGrads` as `grad_sync`: the captured backward accumulates every gradient into one flat
+buffer, and (with `grad_sync.overlap`) the capture also records each bucket's NCCL all-reduce where the backward
+completed that bucket, so every replay averages the gradients while the rest of the backward runs. Without
+`overlap` the trainer all-reduces the buffer after the replay. Limits: no DeepSpeed (its engine owns backward and step), no gradient
 accumulation, no fp16 grad scaler; `blocker()` below is the one place that says which runs can use graphs.
 """
 from __future__ import annotations
@@ -54,17 +56,18 @@ class GraphedStep:
     """
 
     def __init__(self, step_fn: Callable, params: list[torch.nn.Parameter], generator: torch.Generator,
-                 max_points: int, warmup: int = 2, keep_grads: bool = False):
+                 max_points: int, warmup: int = 2, grad_sync=None):
         if generator.device.type != "cuda":
             raise ValueError(f"generator: CUDA graphs need a CUDA generator, got one on {generator.device}")
         if max_points < 1:
             raise ValueError(f"max_points: expected >= 1, got {max_points}")
         self.step_fn, self.params, self.gen = step_fn, list(params), generator
         self.max_points, self.warmup = max_points, warmup
-        # keep_grads: every p.grad is a view into one flat buffer that the caller zeroes and all-reduces
-        # (FlatGrads, data parallel): the captured backward accumulates into those views, and a replay writes
-        # them in place; otherwise each graph's backward allocates its own static .grad tensors.
-        self.keep_grads = keep_grads
+        # grad_sync (FlatGrads, data parallel): every p.grad is a view into one flat buffer that the caller zeroes;
+        # the captured backward accumulates into those views, and a replay writes them in place; otherwise each
+        # graph's backward allocates its own static .grad tensors.
+        self.grad_sync = grad_sync
+        self.keep_grads = grad_sync is not None
         self.graphs: dict[tuple, _Captured] = {}
         self.eager_calls: dict[tuple, int] = {}
         self.pool = None
@@ -97,7 +100,11 @@ class GraphedStep:
     def _run(self, key: tuple):
         s = self.static
         outputs, loss = self.step_fn(s["image"], s["cloud"], s["lengths"], key, self.gen)
-        loss.backward()
+        if self.grad_sync is not None and self.grad_sync.overlap:
+            with self.grad_sync.reduce_during_backward():  # captured: the all-reduces become part of the graph
+                loss.backward()
+        else:
+            loss.backward()
         # Detached: an output that still holds the autograd graph keeps its AccumulateGrad nodes alive, and a
         # node made on the warm-up stream then runs the next (captured) backward's accumulation on that stream.
         return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, outputs)

@@ -4,13 +4,16 @@ Why not DDP: DDP averages gradients from autograd hooks (its C++ reducer fills b
 ready and launches an all-reduce per full bucket). A CUDA-graph replay runs the recorded kernels without
 autograd, so those hooks never fire and DDP would average nothing. Here every parameter's `.grad` is a view
 into one flat buffer per (device, dtype); the graphed backward accumulates into those views in place (so the
-capture records writes into the buffer), and after the replay `FlatGrads.all_reduce_mean_` averages the buffer
-in a few large bucketed all-reduces, with no copy in or out.
+capture records writes into the buffer), and the buffer is averaged in a few large bucketed all-reduces, with no
+copy in or out. Two ways:
+- `reduce_during_backward()` (what the trainer uses): post-accumulate-grad hooks launch each bucket's
+  all-reduce as soon as the backward has written every gradient in it, so communication overlaps the rest of
+  the backward, as DDP's reducer does. Inside a CUDA-graph capture the hooks run once and the graph records
+  the NCCL all-reduces where they were launched, so every replay overlaps them the same way.
+- `all_reduce_mean_()` after the backward (or the replay): simpler, nothing overlapped.
 
-Backends: gloo on the CPU, NCCL on GPUs. With NCCL the all-reduce can itself be captured inside the graph
-(NCCL >= 2.9.6; see PyTorch's CUDA-graph notes: `TORCH_NCCL_ASYNC_ERROR_HANDLING=0` before the process group
-starts, eager warm-up iterations first); calling it outside the graph, right after the replay, needs nothing
-special.
+Backends: gloo on the CPU, NCCL on GPUs. NCCL collectives can be captured in a CUDA graph (NCCL >= 2.9.6) once
+the communicator exists: the graph's eager warm-up steps make their all-reduces first.
 
 Typical use (one process per GPU, process group already started, e.g. by Accelerate):
 
@@ -18,8 +21,8 @@ Typical use (one process per GPU, process group already started, e.g. by Acceler
     grads = FlatGrads(model.parameters())
     for batch in loader:
         grads.zero_()                  # NOT optimizer.zero_grad(): set_to_none=True would detach the views
-        loss_fn(model, batch).backward()   # or graph.replay()
-        grads.all_reduce_mean_()
+        with grads.reduce_during_backward():
+            loss_fn(model, batch).backward()   # or capture this block once and graph.replay() it
         optimizer.step()
 
 Unlike DDP, buffers (BatchNorm running statistics) are not synchronised at every forward: each rank keeps
@@ -28,7 +31,8 @@ rank 0's, which is what DDP (broadcast_buffers=True) leaves.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,9 +68,11 @@ class FlatGrads:
     (I*kH*kW, 1, kW*I, I)), so a backward accumulates into it in place in the parameter's own layout.
     `bucket_mb`: size of one all-reduce, in MiB (25 like DDP's default); buckets are contiguous slices of a
     buffer, so they need no packing.
+    `overlap`: whether the owner averages inside the backward (`reduce_during_backward`, True) or after it
+    (`all_reduce_mean_`, False); a flag for the trainer and the benchmarks, FlatGrads itself serves both.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], bucket_mb: float = 25.0):
+    def __init__(self, params: Iterable[torch.Tensor], bucket_mb: float = 25.0, overlap: bool = True):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb: got {bucket_mb}, must be > 0")
         seen: set[int] = set()
@@ -77,16 +83,22 @@ class FlatGrads:
                 self.params.append(p)
         self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._views: list[torch.Tensor] = []
+        self._offsets: list[int] = []  # each parameter's element offset in its buffer
         self._layout(self.params)
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self.buckets: list[torch.Tensor] = [
-            b for buf in self.buffers.values() for b in buf.split(max(1, self.bucket_bytes // buf.element_size()))]
+        self.overlap = overlap
+        self.buckets: list[torch.Tensor] = []
+        self._param_buckets: list[list[int]] = []  # the buckets each parameter's view overlaps
+        # parameters the last backward under reduce_during_backward did not reach (None: none seen yet); later
+        # backwards launch their buckets without waiting for them, as DDP does after find_unused_parameters
+        self._unreached: set[int] | None = None
+        self._bucket_layout()
         self.attach()
 
     def _layout(self, params: list[torch.Tensor]) -> None:
         """Give every parameter an aligned offset in its (device, dtype) buffer, allocate the zeroed buffers and
         make the strided views."""
-        offsets, sizes = [], {}
+        offsets, sizes = self._offsets, {}
         for p in params:
             if not _is_dense(p):
                 raise ValueError(f"FlatGrads: a parameter of shape {tuple(p.shape)} with strides {p.stride()} "
@@ -99,6 +111,20 @@ class FlatGrads:
         for p, off in zip(params, offsets):
             buf = self.buffers[(p.device, p.dtype)]
             self._views.append(buf.as_strided(p.shape, p.stride(), buf.storage_offset() + off))
+
+    def _bucket_layout(self) -> None:
+        """Split every buffer into buckets of about `bucket_bytes` and note which buckets each view overlaps."""
+        first: dict[tuple, int] = {}
+        per_bucket: dict[tuple, int] = {}
+        for key, buf in self.buffers.items():
+            first[key], per_bucket[key] = len(self.buckets), max(1, self.bucket_bytes // buf.element_size())
+            self.buckets.extend(buf.split(per_bucket[key]))
+        for p, off in zip(self.params, self._offsets):
+            key, n = (p.device, p.dtype), per_bucket[(p.device, p.dtype)]
+            if p.numel() == 0:  # writes nothing: holds up no bucket
+                self._param_buckets.append([])
+                continue
+            self._param_buckets.append(list(range(first[key] + off // n, first[key] + (off + p.numel() - 1) // n + 1)))
 
     def attach(self) -> None:
         """Point every parameter's `.grad` at its view again (after something set it to None or replaced it)."""
@@ -119,24 +145,104 @@ class FlatGrads:
 
         NCCL averages in the reduction; gloo has no AVG, so there it scales by 1/world first, then sums; all buckets are
         launched asynchronously, then waited on. A no-op without a process group or with one rank."""
-        if not dist.is_available() or not dist.is_initialized():
+        if not _world_above_one(group):
             return
-        world = dist.get_world_size(group)
-        if world == 1:
+        launcher = _BucketLauncher(self, group)
+        launcher.finish()
+
+    @contextlib.contextmanager
+    def reduce_during_backward(self, group: dist.ProcessGroup | None = None) -> Iterator[None]:
+        """Average the gradients over the ranks of `group` while the backward inside this block runs.
+
+        Each bucket's all-reduce starts once the backward has accumulated every parameter that overlaps it (a
+        post-accumulate-grad hook per parameter). Buckets start in one fixed order on every rank, as collectives
+        must (the last bucket first: a backward produces the last layers' gradients first); a ready bucket waits
+        for the buckets before it in that order. On leaving the block the buckets the backward never completed
+        (parameters the loss does not reach) start too, and all are waited on; on an exception nothing more is
+        launched. A parameter that one backward leaves unreached is not waited for in the next ones (until it is
+        reached again); were it reached after its bucket had left, the hook raises instead of averaging a partial
+        bucket. A plain block without a process group or with one rank."""
+        if not _world_above_one(group):
+            yield
             return
-        if dist.get_backend(group) == "nccl":  # NCCL averages inside the reduction: no extra pass over the buffer
-            op = dist.ReduceOp.AVG
-        else:
-            op = dist.ReduceOp.SUM
-            for buf in self.buffers.values():
-                buf.mul_(1.0 / world)
-        works = [dist.all_reduce(b, op=op, group=group, async_op=True) for b in self.buckets]
-        for w in works:
-            w.wait()
+        launcher = _BucketLauncher(self, group)
+        handles = [p.register_post_accumulate_grad_hook(launcher.hook(i)) for i, p in enumerate(self.params)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        launcher.finish()
+        launcher.note_reached()
 
     def numel(self) -> int:
         """Elements in all buffers, alignment padding included."""
         return sum(b.numel() for b in self.buffers.values())
+
+
+def _world_above_one(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+class _BucketLauncher:
+    """The all-reduces of one averaging of a FlatGrads: launched bucket by bucket as they become ready, in one
+    order on every rank (descending bucket index), then waited on."""
+
+    def __init__(self, grads: FlatGrads, group):
+        self.grads, self.group = grads, group
+        self.world = dist.get_world_size(group)
+        # NCCL averages inside the reduction; gloo has no AVG: scale by 1/world, then sum
+        self.op = dist.ReduceOp.AVG if dist.get_backend(group) == "nccl" else dist.ReduceOp.SUM
+        self.skip = grads._unreached or set()  # not waited for: the last backward did not reach them
+        self.missing = [0] * len(grads.buckets)  # parameters not yet accumulated, per bucket
+        for i, buckets in enumerate(grads._param_buckets):
+            for b in buckets:
+                self.missing[b] += i not in self.skip
+        self.reached: set[int] = set()
+        self.next = len(grads.buckets) - 1  # the next bucket to launch, counting down
+        self.works: list = []
+
+    def hook(self, index: int):
+        view = self.grads._views[index]
+
+        def ready(param: torch.Tensor) -> None:
+            if param.grad is not view:  # the sum would miss this gradient; say so rather than average stale zeros
+                raise RuntimeError("FlatGrads: the backward replaced a parameter's .grad instead of accumulating "
+                                   "into its flat-buffer view (was the view detached, e.g. by zero_grad(set_to_none"
+                                   "=True), without FlatGrads.zero_() or attach() after it?)")
+            self.reached.add(index)
+            if index in self.skip:
+                if any(b > self.next for b in self.grads._param_buckets[index]):
+                    raise RuntimeError("FlatGrads: a parameter the previous backward did not reach has a gradient "
+                                       "now, after its bucket's all-reduce started; the model's graph changes "
+                                       "between steps, which the overlapped all-reduce does not support (set "
+                                       "FlatGrads.overlap=False)")
+                return
+            for b in self.grads._param_buckets[index]:
+                self.missing[b] -= 1
+            self._launch_ready()
+        return ready
+
+    def _launch_ready(self) -> None:
+        while self.next >= 0 and self.missing[self.next] == 0:
+            self._launch(self.next)
+
+    def _launch(self, b: int) -> None:
+        bucket = self.grads.buckets[b]
+        if self.op == dist.ReduceOp.SUM:
+            bucket.mul_(1.0 / self.world)
+        self.works.append(dist.all_reduce(bucket, op=self.op, group=self.group, async_op=True))
+        self.next = b - 1
+
+    def finish(self) -> None:
+        while self.next >= 0:
+            self._launch(self.next)
+        for w in self.works:
+            w.wait()
+
+    def note_reached(self) -> None:
+        """After a backward: remember which parameters it left unreached, for the next one."""
+        self.grads._unreached = set(range(len(self.grads.params))) - self.reached
 
 
 def broadcast_params_(tensors: Iterable[torch.Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:

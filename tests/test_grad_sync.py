@@ -169,6 +169,107 @@ def test_non_dense_parameter_is_refused():
         FlatGrads([p])
 
 
+class NetWithUnused(Net):
+    """Net plus a parameter the loss never reaches: its bucket is completed by no hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.ones(7))
+
+
+def _overlap_worker(rank, world, port, out_dir):
+    """DDP against FlatGrads.reduce_during_backward on the same data, recording when each all-reduce started."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)
+        model = NetWithUnused()
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model), find_unused_parameters=True)
+        broadcast_params_(list(model.parameters()) + list(model.buffers()))
+        grads = FlatGrads(model.parameters(), bucket_mb=TINY_BUCKET_MB)
+        fired = [0]  # parameters whose gradient is complete so far (hooks registered first run first)
+        for p in grads.params:
+            p.register_post_accumulate_grad_hook(lambda _p: fired.__setitem__(0, fired[0] + 1))
+        starts, real_all_reduce = [], dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            starts.append((tensor.data_ptr(), fired[0]))
+            return real_all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        results = {}
+        for window in range(2):  # twice: the hooks come off after the block and go on again
+            x = _batch(rank, window)
+            ddp.zero_grad(set_to_none=False)
+            _loss(ddp, x).backward()
+            grads.zero_()
+            fired[0] = 0
+            starts.clear()
+            with grads.reduce_during_backward():
+                _loss(model, x).backward()
+                inside = len(starts)
+            results[window] = {"ours": [p.grad.clone() for p in model.parameters()],
+                               # DDP leaves an unreached gradient None; the flat buffer holds zeros there
+                               "ddp": [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                       for p in ddp.module.parameters()],
+                               "starts": list(starts), "inside": inside}
+        dist.all_reduce = real_all_reduce
+        results.update(buckets=[b.data_ptr() for b in grads.buckets], params=len(grads.params))
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def overlapped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grad_overlap")
+    mp.start_processes(_overlap_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="fork")
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_averaging_during_the_backward_gives_ddp_gradients(overlapped):
+    for r in overlapped:
+        for window in (0, 1):
+            for ours, ddp in zip(r[window]["ours"], r[window]["ddp"], strict=True):
+                torch.testing.assert_close(ours, ddp, atol=1e-6, rtol=1e-6)
+    for a, b in zip(overlapped[0][1]["ours"], overlapped[1][1]["ours"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_buckets_start_while_the_backward_still_runs(overlapped):
+    """Overlap: the first all-reduce starts before the last gradient is written. In the first backward the
+    unused parameter holds its bucket (and those after it in the launch order) until the block ends; from the
+    second on it is known to be unreached and every bucket starts inside the backward."""
+    for r in overlapped:
+        first, second = r[0], r[1]
+        assert len(first["starts"]) == len(second["starts"]) == len(r["buckets"])  # each bucket once
+        assert first["inside"] < len(r["buckets"])
+        assert second["inside"] == len(r["buckets"])
+        assert second["starts"][0][1] < r["params"] - 1  # parameters still to come when the first bucket left
+
+
+def test_buckets_start_in_one_order_on_every_rank(overlapped):
+    """Collectives must match across ranks: descending bucket order, the same on both ranks and every step."""
+    for r in overlapped:
+        order = [r["buckets"].index(ptr) for ptr, _ in r[0]["starts"]]
+        assert order == sorted(order, reverse=True)
+        assert [p for p, _ in r[1]["starts"]] == [p for p, _ in r[0]["starts"]]
+
+
+def test_a_replaced_gradient_is_an_error_not_a_stale_average():
+    model = Net()
+    grads = FlatGrads(model.parameters())
+    model.head.weight.grad = torch.zeros_like(model.head.weight)  # no longer the view
+    # a process group of one rank skips the hooks; check the hook itself with a fake two-rank launcher
+    from protodepth.grad_sync import _BucketLauncher
+
+    launcher = _BucketLauncher.__new__(_BucketLauncher)
+    launcher.grads, launcher.reached, launcher.skip = grads, set(), set()
+    i = next(k for k, p in enumerate(grads.params) if p is model.head.weight)
+    with pytest.raises(RuntimeError, match="replaced a parameter's .grad"):
+        launcher.hook(i)(model.head.weight)
+
+
 @pytest.mark.cuda
 def test_graphed_backward_writes_into_the_flat_buffer():
     """The reason FlatGrads exists: a backward captured in a CUDA graph accumulates into the buffer's views,

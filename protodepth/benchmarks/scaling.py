@@ -31,6 +31,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (graph capture included)")
     p.add_argument("--repeats", type=int, default=20, help="timed steps; the median is reported")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (they are on where the run allows them)")
+    p.add_argument("--grad-sync", default="overlap", choices=["overlap", "after"],
+                   help="several processes without DDP's wrapper (graphed): all-reduce the flat gradient buffer "
+                        "bucket by bucket during the backward (the trainer's way) or after it")
     p.add_argument("--results", default=None, help="JSON file to append this run's figure to")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (tests)")
     args = p.parse_args(argv)
@@ -50,6 +53,9 @@ def main(argv: list[str]) -> int:
     graphed = not args.eager and why_not is None
     torch.manual_seed(accelerator.process_index)
     step_fn, model = trainer_step(cfg, graphed, accelerator)
+    flat = step_fn.grad_sync is not None
+    if flat:
+        step_fn.grad_sync.overlap = args.grad_sync == "overlap"  # before the first step: the capture follows it
     image, cloud, lengths = make_inputs(args.batch, args.height, args.width, args.targets, device,
                                         seed=accelerator.process_index)
     if device.type == "cuda":
@@ -82,22 +88,26 @@ def main(argv: list[str]) -> int:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         row = {"processes": n, "step_s": slowest, "samples_per_s": sps, "device": name,
                "distributed_type": str(accelerator.distributed_type), "batch_per_process": args.batch,
-               "precision": args.precision, "cuda_graphs": graphed}
+               "precision": args.precision, "cuda_graphs": graphed,
+               "grad_sync": (args.grad_sync if flat else "wrapper") if n > 1 else "-"}
         print(json.dumps(row))
         if args.results:
             path = Path(args.results)
             rows = json.loads(path.read_text()) if path.is_file() else []
-            key = (n, graphed, row["distributed_type"])
-            rows = [r for r in rows if (r["processes"], r.get("cuda_graphs"), r["distributed_type"]) != key] + [row]
+            def key(r):
+                return r["processes"], r.get("cuda_graphs"), r["distributed_type"], r.get("grad_sync", "-")
+
+            rows = [r for r in rows if key(r) != key(row)] + [row]
             path.write_text(json.dumps(rows, indent=1))
             # efficiency against the fastest one-process figure recorded (the graphed one when it ran)
             base = max((r["samples_per_s"] for r in rows if r["processes"] == 1), default=None)
-            print("\n| processes | kind | graphs | step s | samples/s | efficiency vs fastest 1 process |\n"
-                  "| --- | --- | --- | --- | --- | --- |")
-            for r in sorted(rows, key=lambda r: (r["processes"], r["distributed_type"], bool(r.get("cuda_graphs")))):
+            print("\n| processes | kind | graphs | gradient all-reduce | step s | samples/s | efficiency vs fastest "
+                  "1 process |\n| --- | --- | --- | --- | --- | --- | --- |")
+            for r in sorted(rows, key=lambda r: (r["processes"], r["distributed_type"], bool(r.get("cuda_graphs")),
+                                                 r.get("grad_sync", "-"))):
                 eff = f"{r['samples_per_s'] / (r['processes'] * base):.1%}" if base else "n/a (no 1-process run)"
                 print(f"| {r['processes']} | {r['distributed_type']} | {'on' if r.get('cuda_graphs') else 'off'} | "
-                      f"{r['step_s']:.4f} | {r['samples_per_s']:.0f} | {eff} |")
+                      f"{r.get('grad_sync', '-')} | {r['step_s']:.4f} | {r['samples_per_s']:.0f} | {eff} |")
     accelerator.wait_for_everyone()
     step_fn.model = step_fn.optimizer = step_fn.graphed = None  # free the engine before the group ends
     del model

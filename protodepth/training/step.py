@@ -6,8 +6,9 @@ step. One call consumes one micro-batch; at the end of an accumulation window (A
 - eager: Python launches every kernel;
 - graphed (`train.cuda_graphs`): replayed from a CUDA graph per sampling level (protodepth/cuda_graphs.py).
 Gradients are averaged across ranks by DDP (eager, Accelerate's wrapper), by DeepSpeed's engine, or by
-`FlatGrads` (one flat buffer all-reduced after the backward; what a replayed backward needs, since DDP's
-reducer hooks do not run inside a replay).
+`FlatGrads` (one flat buffer, all-reduced bucket by bucket during the backward, or after it when
+`grad_sync.overlap` is off; what a replayed backward needs, since DDP's reducer hooks do not run inside a
+replay, while the graph can hold FlatGrads' all-reduces).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class TrainStep:
             from protodepth.cuda_graphs import GraphedStep
 
             self.graphed = GraphedStep(self.forward_loss, self.params, self.gen, max_points=self.levels.full_targets,
-                                       keep_grads=grad_sync is not None)
+                                       grad_sync=grad_sync)
 
     def forward_loss(self, image, cloud, lengths, level: SamplingLevel, generator):
         """Forward pass and loss of one micro-batch -> ((scene, loss output), total loss)."""
@@ -83,8 +84,15 @@ class TrainStep:
             return self.graphed(batch["image"], batch["cloud"], batch["lengths"], level, seed)
         self.gen.manual_seed(seed)
         (scene, res), total = self.forward_loss(batch["image"], batch["cloud"], batch["lengths"], level, self.gen)
-        self.accelerator.backward(total)
+        if self._reduce_in_backward() and self.accelerator.sync_gradients:  # the window's last backward
+            with self.grad_sync.reduce_during_backward():
+                self.accelerator.backward(total)
+        else:
+            self.accelerator.backward(total)
         return scene, res
+
+    def _reduce_in_backward(self) -> bool:
+        return self.grad_sync is not None and self.grad_sync.overlap
 
     def __call__(self, batch: dict, step: int, epoch: int) -> StepOutput:
         """One micro-batch of optimizer step `step + 1` (`step` steps done)."""
@@ -115,7 +123,7 @@ class TrainStep:
         if self.deepspeed:  # the engine clipped (optim.grad_clip, on its plugin) and stepped inside backward
             norm = self.model.get_global_grad_norm()
             return None if norm is None else torch.as_tensor(float(norm), dtype=torch.float64)
-        if self.grad_sync is not None:
+        if self.grad_sync is not None and not self._reduce_in_backward():
             self.grad_sync.all_reduce_mean_()
         if self.accelerator.scaler is not None:
             self.accelerator.unscale_gradients()

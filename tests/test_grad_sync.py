@@ -303,3 +303,60 @@ def test_graphed_backward_writes_into_the_flat_buffer():
     _loss(model, x).backward()
     for g, p in zip(graphed, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def _nccl_graph_worker(rank, world, port, out_dir):
+    """One GPU per rank: a backward captured inside reduce_during_backward (the NCCL all-reduces recorded in the
+    graph) against the eager backward averaged after it."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = Net().cuda()
+        grads = FlatGrads(model.parameters(), bucket_mb=TINY_BUCKET_MB)
+        static_x = _batch(rank, 0).cuda()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # eager warm-up: creates the communicator before the capture
+            for _ in range(3):
+                grads.zero_()
+                with grads.reduce_during_backward():
+                    _loss(model, static_x).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        grads.zero_()
+        with torch.cuda.graph(graph):
+            with grads.reduce_during_backward():
+                _loss(model, static_x).backward()
+        rows = []
+        for step in range(1, 4):
+            x = _batch(rank, step).cuda()
+            static_x.copy_(x)
+            grads.zero_()
+            graph.replay()
+            replayed = [p.grad.clone() for p in model.parameters()]
+            grads.zero_()
+            _loss(model, x).backward()
+            grads.all_reduce_mean_()
+            rows.append({"replayed": [g.cpu() for g in replayed], "after": [p.grad.cpu() for p in model.parameters()]})
+        torch.save(rows, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_captured_overlapped_all_reduce_averages_like_an_all_reduce_after_the_backward(tmp_path):
+    """The trainer's data-parallel graph: each replay runs the recorded NCCL all-reduces bucket by bucket inside
+    the backward; the result must be the gradient averaged over both GPUs, equal on both, at every replay."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    mp.start_processes(_nccl_graph_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rows in ranks:
+        for row in rows:
+            for a, b in zip(row["replayed"], row["after"], strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(ranks[0][-1]["replayed"], ranks[1][-1]["replayed"]):
+        assert torch.equal(a, b)
+    # the steps differ in data, so a replay that ignored its input would fail here
+    assert not torch.equal(ranks[0][0]["replayed"][0], ranks[0][1]["replayed"][0])

@@ -113,13 +113,60 @@ def hybrid_chamfer(
     return per_img.mean(), terms, pred
 
 
-def prototype_regularisers(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """prototypes (P, V, 3), faces (F, 3) -> {edge, normal, laplacian}, each averaged over the P meshes."""
+def prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """prototypes (P, V, 3), faces (F, 3) -> {edge, normal, laplacian}, each () averaged over the P meshes."""
     return {
         "edge": mesh_edge_loss(prototypes, faces, target_length=0.0),
         "normal": mesh_normal_consistency(prototypes, faces),
         "laplacian": mesh_laplacian_smoothing(prototypes, faces, method=cfg.laplacian_method),
     }
+
+
+
+class PrototypeTerms:
+    """The prototype regularisers of one step, started early: `start_prototype_terms` launches them, `join()`
+    hands them over to the caller's stream. Made by `start_prototype_terms`; passed to `proto_depth_loss`."""
+
+    def __init__(self, terms: dict[str, torch.Tensor], stream: "torch.cuda.Stream | None"):
+        self._terms, self._stream = terms, stream
+
+    def join(self) -> dict[str, torch.Tensor]:
+        """{edge, normal, laplacian} (), safe to use on the current stream."""
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self._stream.device)
+            current.wait_stream(self._stream)
+            for t in self._terms.values():
+                t.record_stream(current)  # made on the side stream, read (and freed) on this one
+            self._stream = None
+        return self._terms
+
+
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConfig) -> PrototypeTerms:
+    """Start the prototype regularisers (prototypes (P, V, 3), faces (F, 3)) before the backbone runs.
+
+    They do not depend on the image, so on CUDA they run on a side stream, concurrently with the backbone's
+    forward (and, since autograd runs an op's backward on the stream of its forward, their backward beside
+    the backbone's backward): a few hundred small kernels off the step's critical path. Fork and join are
+    stream waits, which a CUDA-graph capture records as graph edges. On the CPU, and while torch.compile
+    traces, they are computed here, inline. The same ops run either way: the values are identical.
+    """
+    device = prototypes.device
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), None)
+    side = _side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.autocast(device_type="cuda", enabled=False):
+        terms = prototype_terms(prototypes.float(), faces, cfg)
+    return PrototypeTerms(terms, side)
 
 
 def subsample_targets(target: torch.Tensor, lengths: torch.Tensor, n: int,
@@ -155,6 +202,7 @@ def proto_depth_loss(
     level: SamplingLevel | None = None,
     generator: torch.Generator | None = None,
     draws: LossDraws | None = None,
+    proto_terms: PrototypeTerms | None = None,
 ) -> LossOutput:
     """Total loss = w_chamfer * hybrid Chamfer + w_edge * edge + w_normal * normal + w_laplacian * laplacian.
 
@@ -163,6 +211,8 @@ def proto_depth_loss(
     generator: for the random draws (samples on the slots, the target subset). draws: those draws given as
     tensors instead (`draw_uniforms(B, K, N, level)`), the form that `torch.compile(fullgraph=True)` traces;
     the samples then differ from the generator's for the same seed (faces picked by inverse cumulative area).
+    proto_terms: the prototype regularisers started earlier (`start_prototype_terms(prototypes, faces, cfg)`,
+    on a side stream on CUDA); None computes them here. prototypes is then not read.
     """
     if level is None:
         level = SamplingLevel(cfg.samples_per_slot, None)
@@ -173,13 +223,13 @@ def proto_depth_loss(
     if host_reads_allowed() and bool((lengths < 1).any()):
         raise ValueError("lengths: every target cloud needs at least one point (an empty cloud has no Chamfer)")
     with torch.autocast(device_type=slot_verts.device.type, enabled=False):
-        slot_verts, prototypes, target = slot_verts.float(), prototypes.float(), target.float()
+        slot_verts, target = slot_verts.float(), target.float()
         if level.max_targets is not None:
             keys = None if draws is None else draws.target_keys
             target, lengths = subsample_targets(target, lengths, level.max_targets, generator, keys)
         chamfer, terms, pred = hybrid_chamfer(slot_verts, faces, target, lengths, cfg, level.samples_per_slot,
                                               generator, draws)
-        reg = prototype_regularisers(prototypes, faces, cfg)
+        reg = proto_terms.join() if proto_terms is not None else prototype_terms(prototypes.float(), faces, cfg)
         total = (
             cfg.w_chamfer * chamfer
             + cfg.w_edge * reg["edge"]

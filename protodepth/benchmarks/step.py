@@ -7,7 +7,8 @@ The ratio full / backbone is the overhead protodepth adds on top of the network 
 Inputs are random images and random target clouds (the step's cost does not depend on their content);
 `--cuda-graphs` adds both steps replayed from CUDA graphs (the trainer's `train.cuda_graphs`), `--profile` the top
 kernels of the B=32 step and, with graphs, what the full step adds to the backbone kernel by kernel, `--loader` the
-step fed by the real DataLoader over the preprocessed cache (does the GPU wait?).
+step fed by the real DataLoader over the preprocessed cache (does the GPU wait?), `--tail` the optimizer tail of the
+graphed step eager against captured in a CUDA graph (protodepth/benchmarks/step_tail.py).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def bench_shape(name: str, precision: str, args, device) -> list[Result]:
     batch = as_batch(image.contiguous(memory_format=torch.channels_last), cloud, lengths)
     cfg = shape_config(B, K, H, W, N, precision, args.ico_level, args.compile)
     results, kinds = [], []
-    for graphed in ([False, True] if args.cuda_graphs else [False]):
+    for graphed in _step_modes(args):
         step, model = trainer_step(cfg, graphed)
         core = model._orig_mod if hasattr(model, "_orig_mod") else model
         counter = iter(range(10**9))
@@ -124,11 +125,19 @@ def bench_shape(name: str, precision: str, args, device) -> list[Result]:
         results.append(Result(name, precision, kind, med, B / med, torch.cuda.max_memory_allocated() / 2**30))
     if args.profile and name == "b32":
         by_kind = dict(kinds)
-        profile(by_kind["full"], f"{name}-{precision}")
-        if args.cuda_graphs:
+        if "full" in by_kind:
+            profile(by_kind["full"], f"{name}-{precision}")
+        if args.cuda_graphs or args.no_eager:
             kernel_diff(by_kind["full-graph"], by_kind["backbone-graph"], f"{name}-{precision}")
     torch.cuda.empty_cache()
     return results
+
+
+def _step_modes(args) -> list[bool]:
+    """graphed? for each way of running the steps: eager, graphed (--cuda-graphs), or graphed alone (--no-eager)."""
+    if args.no_eager:
+        return [True]
+    return [False, True] if args.cuda_graphs else [False]
 
 
 def kernel_diff(full_step, backbone_step_fn, label: str) -> None:
@@ -270,6 +279,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--adam", default="fused", choices=["fused", "foreach"], help="Adam implementation")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time both steps replayed from CUDA graphs (the trainer's train.cuda_graphs)")
+    p.add_argument("--no-eager", action="store_true", help="time only the graphed steps (implies --cuda-graphs)")
+    p.add_argument("--tail", action="store_true",
+                   help="also time the graphed step's optimizer tail (norm, clipping, flags, Adam) eager against "
+                        "captured in a CUDA graph")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the b32 full step")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--loader", action="store_true",
@@ -297,15 +310,20 @@ def main(argv: list[str]) -> int:
     for name in args.shapes:
         B, K, H, W, N = SHAPES[name]
         for prec in args.precisions:
-            pairs = [("eager", "backbone", "full")]
-            if args.cuda_graphs:
-                pairs += [("graph", "backbone-graph", "full-graph"), ("graph vs eager backbone", "backbone", "full-graph")]
+            graph = [("graph", "backbone-graph", "full-graph")]
+            pairs = graph if args.no_eager else [("eager", "backbone", "full")]
+            if args.cuda_graphs and not args.no_eager:
+                pairs += graph + [("graph vs eager backbone", "backbone", "full-graph")]
             for label, bk, fk in pairs:
                 b, f = by[(name, prec, bk)], by[(name, prec, fk)]
                 print(f"| B={B} K=P={K} {H}x{W} N={N} | {prec} | {label} | {b.median_s:.4f} | {f.median_s:.4f} | "
                       f"{f.median_s / b.median_s:.2f} | {f.samples_per_s:.0f} | {b.peak_gib:.2f} | {f.peak_gib:.2f} |")
     if args.loader:
         bench_loader(args, device)
+    if args.tail:
+        from protodepth.benchmarks.step_tail import bench_tail
+
+        bench_tail(args, device)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([r.__dict__ for r in rows], fh, indent=1)

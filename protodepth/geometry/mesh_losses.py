@@ -8,7 +8,11 @@ An empty batch (M = 0 or F = 0) gives PyTorch3D's answer: tensor([0.]), shape (1
 
 The index structures depend on the faces only, and the trainer passes the same faces tensor every
 step, so they are cached per faces tensor (keyed by identity and in-place version, so editing the
-faces in place invalidates the entry).
+faces in place invalidates the entry), together with the per-element weights of the means.
+
+Vertices are read with one `index_select` per loss (all the corners a loss needs, in one index list),
+never with advanced indexing (`v[:, idx]`): the backward of `index_select` is one `index_add`, while
+that of advanced indexing sorts the indices on every step (several radix-sort kernels on the GPU).
 """
 from __future__ import annotations
 
@@ -51,6 +55,14 @@ class _Topology(NamedTuple):
     nc_pair_mesh: torch.Tensor  # (Q,)
     nc_pair_count: torch.Tensor  # (num_meshes,)
     degree: torch.Tensor  # (V_packed,) number of unique edges at each vertex
+    edge_corners: torch.Tensor  # (2E,) edges.reshape(-1): both ends of every edge, for one index_select
+    nc_corners: torch.Tensor  # (3F*5,) per incidence: its edge's two ends, then its face's three vertices
+    nc_pairs_flat: torch.Tensor  # (2Q,) nc_pairs.reshape(-1)
+    lap_src: torch.Tensor  # (2E,) uniform Laplacian: neighbour read ...
+    lap_dst: torch.Tensor  # (2E,) ... and the vertex it is added to (e1 -> e0, then e0 -> e1)
+    edge_weight: torch.Tensor  # (E,) float32 1 / (edge count of the edge's mesh)
+    nc_weight: torch.Tensor  # (Q,) float32 1 / (pair count of the pair's mesh)
+    vert_weight: torch.Tensor  # (V_packed,) float32 1 / verts_per_mesh
 
 
 def _pairs_within_groups(counts: torch.Tensor) -> torch.Tensor:
@@ -94,8 +106,19 @@ def _build_topology(faces: torch.Tensor, num_verts: int) -> _Topology:
     nc_pair_count = torch.bincount(nc_pair_mesh, minlength=m)
 
     degree = torch.bincount(edges.reshape(-1), minlength=total_verts)
+    e0, e1 = edges.unbind(1)
+    nc_corners = torch.cat([edges[nc_edge], nc_face_verts], dim=1).reshape(-1)  # (3F, 5) flattened
+    vert_count = torch.full((m,), num_verts, device=faces.device)
+    vert_mesh = torch.arange(total_verts, device=faces.device) // num_verts
     return _Topology(m, num_verts, edges, edge_mesh, edge_count, nc_edge, nc_face_verts, nc_pairs,
-                     nc_pair_mesh, nc_pair_count, degree)
+                     nc_pair_mesh, nc_pair_count, degree, edges.reshape(-1), nc_corners, nc_pairs.reshape(-1),
+                     torch.cat([e1, e0]), torch.cat([e0, e1]), _mean_weights(edge_mesh, edge_count),
+                     _mean_weights(nc_pair_mesh, nc_pair_count), _mean_weights(vert_mesh, vert_count))
+
+
+def _mean_weights(mesh_id: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(X,) float32 weight of each element in its mesh's mean: 1 / (its mesh's element count)."""
+    return 1.0 / counts[mesh_id].to(torch.float32)
 
 
 _TOPO_CACHE: "OrderedDict[tuple, tuple[weakref.ref, _Topology]]" = OrderedDict()
@@ -161,13 +184,15 @@ def eager_mesh_loss(verts: torch.Tensor, faces: torch.Tensor, kind: str, target_
     return _laplacian_smoothing(verts, faces, kind)
 
 
-def _per_mesh_mean(values: torch.Tensor, mesh_id: torch.Tensor, counts: torch.Tensor, num_meshes: int) -> torch.Tensor:
-    """values (R, X) with element meshes mesh_id (X,) -> () sum_x values / count[mesh] / num_meshes.
+def _per_mesh_mean(values: torch.Tensor, weights: torch.Tensor, num_meshes: int) -> torch.Tensor:
+    """values (R, X) with element weights (X,) float32 (1 / count of the element's mesh) -> () sum_x values *
+    weight / num_meshes.
 
     This is PyTorch3D's weighting: each mesh's elements weigh 1 / (its element count), then the
     sum is divided by the batch size.
     """
-    weights = 1.0 / counts[mesh_id].to(values.dtype)
+    if weights.dtype != values.dtype:  # the cached weights are float32; 1 / count rounded once in values' dtype
+        weights = (1.0 / weights.double()).round().to(values.dtype).reciprocal()
     return (values * weights).sum() / num_meshes
 
 
@@ -182,10 +207,10 @@ def mesh_edge_loss(verts: torch.Tensor, faces: torch.Tensor, target_length: floa
 
 def _edge_loss(verts: torch.Tensor, faces: torch.Tensor, target_length: float) -> torch.Tensor:
     v, topo = _prepare(verts, faces)
-    e0, e1 = topo.edges.unbind(1)
-    lengths = (v[:, e0] - v[:, e1]).norm(dim=-1, p=2)  # (R, E)
+    ends = v.index_select(1, topo.edge_corners).view(v.shape[0], -1, 2, 3)  # (R, E, 2, 3)
+    lengths = (ends[:, :, 0] - ends[:, :, 1]).norm(dim=-1, p=2)  # (R, E)
     loss = (lengths - target_length) ** 2
-    return _per_mesh_mean(loss, topo.edge_mesh, topo.edge_count, verts.shape[0])
+    return _per_mesh_mean(loss, topo.edge_weight, verts.shape[0])
 
 
 def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -204,17 +229,16 @@ def _normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tenso
     v, topo = _prepare(verts, faces)
     if topo.nc_pairs.shape[0] == 0:
         return verts.sum() * 0.0  # no shared edge anywhere: zero that still has a graph
-    e = topo.edges[topo.nc_edge]  # (3F, 2)
-    v0, v1 = v[:, e[:, 0]], v[:, e[:, 1]]
-    d = v1 - v0
-    fv = topo.nc_face_verts
+    r = v.shape[0]
+    c = v.index_select(1, topo.nc_corners).view(r, -1, 5, 3)  # (R, 3F, 5, 3): edge ends, face vertices
+    v0 = c[:, :, 0]
+    d = c[:, :, 1] - v0
     # the two edge vertices contribute exactly zero; kept to mirror PyTorch3D's arithmetic
-    n = (torch.linalg.cross(d, v[:, fv[:, 0]] - v0, dim=-1) + torch.linalg.cross(d, v[:, fv[:, 1]] - v0, dim=-1)
-         + torch.linalg.cross(d, v[:, fv[:, 2]] - v0, dim=-1))
-    n0 = n[:, topo.nc_pairs[:, 0]]
-    n1 = -n[:, topo.nc_pairs[:, 1]]
-    loss = 1 - F.cosine_similarity(n0, n1, dim=-1)  # (R, Q)
-    return _per_mesh_mean(loss, topo.nc_pair_mesh, topo.nc_pair_count, verts.shape[0])
+    n = (torch.linalg.cross(d, c[:, :, 2] - v0, dim=-1) + torch.linalg.cross(d, c[:, :, 3] - v0, dim=-1)
+         + torch.linalg.cross(d, c[:, :, 4] - v0, dim=-1))
+    pairs = n.index_select(1, topo.nc_pairs_flat).view(r, -1, 2, 3)  # (R, Q, 2, 3)
+    loss = 1 - F.cosine_similarity(pairs[:, :, 0], -pairs[:, :, 1], dim=-1)  # (R, Q)
+    return _per_mesh_mean(loss, topo.nc_weight, verts.shape[0])
 
 
 def mesh_laplacian_smoothing(verts: torch.Tensor, faces: torch.Tensor, method: str = "uniform") -> torch.Tensor:
@@ -236,8 +260,8 @@ def _laplacian_smoothing(verts: torch.Tensor, faces: torch.Tensor, method: str) 
     v, topo = _prepare(verts, faces)
     r, nv = v.shape[0], v.shape[1]
     if method == "uniform":
-        e0, e1 = topo.edges.unbind(1)
-        nbr = torch.zeros_like(v).index_add(1, e0, v[:, e1]).index_add(1, e1, v[:, e0])
+        # sum of the neighbours: e1 added at e0, then e0 at e1, in one index_add (the same order of additions)
+        nbr = torch.zeros_like(v).index_add(1, topo.lap_dst, v.index_select(1, topo.lap_src))
         deg = topo.degree.to(v.dtype)
         inv_deg = torch.where(deg > 0, 1.0 / deg.clamp_min(1), torch.zeros_like(deg))
         lap = nbr * inv_deg[None, :, None] - v
@@ -252,16 +276,15 @@ def _laplacian_smoothing(verts: torch.Tensor, faces: torch.Tensor, method: str) 
             wf = w.reshape(r, -1)
             row_sum = torch.zeros(r, nv, dtype=v.dtype, device=v.device).index_add(1, ii, wf).index_add(1, jj, wf)
         # L is symmetric: entry (i, j) and (j, i) both carry w
-        lv = torch.zeros_like(v).index_add(1, ii, wf[..., None] * v[:, jj]).index_add(1, jj, wf[..., None] * v[:, ii])
+        lv = torch.zeros_like(v).index_add(1, ii, wf[..., None] * v.index_select(1, jj)).index_add(
+            1, jj, wf[..., None] * v.index_select(1, ii))
         if method == "cot":
             norm_w = torch.where(row_sum > 0, 1.0 / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)), row_sum)
             lap = lv * norm_w[..., None] - v
         else:
             lap = (lv - row_sum[..., None] * v) * (0.25 * inv_areas)[..., None]
     loss = lap.norm(dim=-1)  # (R, V')
-    mesh_id = torch.arange(nv, device=v.device) // topo.verts_per_mesh
-    counts = torch.full((topo.num_meshes,), topo.verts_per_mesh, device=v.device)
-    return _per_mesh_mean(loss, mesh_id, counts, verts.shape[0])
+    return _per_mesh_mean(loss, topo.vert_weight, verts.shape[0])
 
 
 def _cot_weights(v: torch.Tensor, faces: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:

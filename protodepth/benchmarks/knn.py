@@ -23,7 +23,16 @@ SHAPES = {
     "32x20000x16000": (32, 20000, 16000, 1, 19.5, 20.0),
     "32x20000x3200-K3": (32, 20000, 3200, 3, None, None),  # global loss: targets -> predictions, k = 3
     "32x3200x20000": (32, 3200, 20000, 1, None, None),  # the other Chamfer direction: predictions -> targets
+    # small shapes of issue 17, where eager calls are bound by host time
+    "4x5000x5000-K8": (4, 5000, 5000, 8, None, None),
+    "2x3000x3000-K1": (2, 3000, 3000, 1, None, None),
+    "2x3000x3000-K8": (2, 3000, 3000, 8, None, None),
+    "2x3000x3000-K16": (2, 3000, 3000, 16, None, None),
+    "2x3000x3000-K32": (2, 3000, 3000, 32, None, None),
 }
+# `--compare` default: the seven shapes of issue 17 and K = 1..32 on the smallest
+COMPARE = ["1x10000x6400", "64x200x10000", "8x50000x16000", "32x20000x16000", "32x20000x3200-K3", "4x5000x5000-K8",
+           "2x3000x3000-K32", "2x3000x3000-K1", "2x3000x3000-K8", "2x3000x3000-K16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -239,6 +248,124 @@ def _host(args, knn_points_triton) -> int:
     return 0
 
 
+# implementations `--compare` knows by label; others come as LABEL=module:function
+BUILTIN_IMPLS = {
+    "protodepth": "protodepth.geometry.knn:knn_points",
+    "protodepth-triton": "protodepth.geometry.knn_triton:knn_points_triton",
+}
+
+
+def load_impl(spec: str):
+    """'LABEL=module:function' (or a built-in label) -> (label, call(p1, p2, K) -> (dists, idx)).
+
+    The function is called as function(p1, p2, None, None, K=K) and must return dists and idx first
+    (PyTorch3D's knn_points contract); any importable module works, e.g. a reference built elsewhere.
+    """
+    import importlib
+
+    label, _, target = spec.partition("=")
+    target = target or BUILTIN_IMPLS.get(label, "")
+    mod, _, name = target.partition(":")
+    if not mod or not name:
+        raise SystemExit(f"--impl {spec}: expected LABEL=module:function or one of {', '.join(BUILTIN_IMPLS)}")
+    fn = getattr(importlib.import_module(mod), name)
+
+    def call(p1, p2, K):
+        out = fn(p1, p2, None, None, K=K)
+        return out[0], out[1]
+
+    return label, call
+
+
+def _graph_ms(step, rep_ms: float):
+    """Median ms of a CUDA-graph replay of step(), or None when step cannot be captured (a host sync)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:
+        print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+    return _bench(graph.replay, rep_ms)
+
+
+def _agreement(ref, out):
+    """Outputs (dists, idx, grad_p1, grad_p2) of an implementation against the first one's."""
+    d0, i0, g10, g20 = ref
+    d1, i1, g11, g21 = out
+    differ = i0 != i1
+    # an index may differ only where the two distances tie exactly (then either neighbour is right)
+    not_tie = differ & (d0.double() != d1.double())
+    gscale = max(float(g10.abs().max()), float(g20.abs().max()), 1e-30)
+    gdiff = max(float((g10.double() - g11.double()).abs().max()), float((g20.double() - g21.double()).abs().max()))
+    return dict(idx_differ=int(differ.sum()), idx_differ_not_tie=int(not_tie.sum()),
+                max_dist_diff=float((d0.double() - d1.double()).abs().max()), max_grad_rel_diff=gdiff / gscale)
+
+
+def compare_shape(impls, name: str, rep_ms: float, graphs: bool) -> list[dict]:
+    """Eager fwd, eager fwd+bwd (autograd.grad of dists.sum() w.r.t. both clouds) and graphed fwd+bwd of every
+    implementation on the same fp32 inputs, in this process, plus their agreement with the first one."""
+    N, P1, P2, K = SHAPES[name][:4]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p1 = torch.randn(N, P1, 3, device="cuda", generator=g)
+    p2 = torch.randn(N, P2, 3, device="cuda", generator=g)
+    a, b = p1.clone().requires_grad_(), p2.clone().requires_grad_()
+    rows, ref = [], None
+    for label, fn in impls:
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(p1, p2, K)
+
+        def fwd_bwd(fn=fn):
+            d, _ = fn(a, b, K)
+            return torch.autograd.grad(d.sum(), (a, b))
+
+        d, i = fn(a, b, K)
+        out = (d.detach(), i) + tuple(torch.autograd.grad(d.sum(), (a, b)))
+        row = dict(shape=name, N=N, P1=P1, P2=P2, K=K, impl=label, fwd=_bench(fwd, rep_ms),
+                   fwd_bwd=_bench(fwd_bwd, rep_ms), graph_fwd_bwd=_graph_ms(fwd_bwd, rep_ms) if graphs else None)
+        ref = ref or out
+        row.update(_agreement(ref, out))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def _compare(args) -> int:
+    """Same-process comparison of implementations (see --impl), printed as a table, rows as JSON with --out."""
+    impls = [load_impl(spec) for spec in args.impl]
+    base = args.ratio_to or impls[-1][0]
+    rows = []
+    for name in args.shapes:
+        rows += compare_shape(impls, name, args.rep_ms, not args.no_graphs)
+
+    def f(x):
+        return "-" if x is None else f"{x:.3g}"
+
+    print(f"\nGPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; fp32; median ms (do_bench, rep "
+          f"{args.rep_ms:g} ms); speed-up = {base}'s time / this one's\n")
+    print("| shape | K | impl | fwd | fwd+bwd | fwd+bwd graphed | fwd speed-up | fwd+bwd speed-up | idx differ "
+          "(not ties) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ref = next((x for x in rows if x["shape"] == r["shape"] and x["impl"] == base), None)
+        s1 = "-" if ref is None else f"{ref['fwd'] / r['fwd']:.2f}x"
+        s2 = "-" if ref is None else f"{ref['fwd_bwd'] / r['fwd_bwd']:.2f}x"
+        print(f"| {r['shape'].split('-')[0]} | {r['K']} | {r['impl']} | {f(r['fwd'])} | {f(r['fwd_bwd'])} | "
+              f"{f(r['graph_fwd_bwd'])} | {s1} | {s2} | {r['idx_differ']} ({r['idx_differ_not_tie']}) |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rep_ms=args.rep_ms,
+                           ratio_to=base, rows=rows), fh, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmark.py knn", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="shapes to time (default: all)")
@@ -250,6 +377,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-kernel CUDA times (torch.profiler) of forward+backward for the first shape and dtype")
     ap.add_argument("--host", action="store_true", help="cProfile of the host side of forward+backward")
     ap.add_argument("--out", default=None, help="also write the rows as JSON to this file")
+    ap.add_argument("--compare", action="store_true",
+                    help="time the --impl implementations against each other in this process (fp32; default shapes: "
+                         "issue 17's)")
+    ap.add_argument("--impl", action="append", default=None, metavar="LABEL[=module:function]",
+                    help="an implementation for --compare: a built-in label (" + ", ".join(BUILTIN_IMPLS) + ") or "
+                         "LABEL=module:function, called as function(p1, p2, None, None, K=K) -> (dists, idx, ...); "
+                         "repeat for several (default: protodepth)")
+    ap.add_argument("--ratio-to", default=None, metavar="LABEL",
+                    help="--compare: speed-ups relative to this implementation (default: the last --impl)")
+    ap.add_argument("--no-graphs", action="store_true", help="--compare: skip the CUDA-graph replays")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmark.py knn: needs a CUDA GPU (none visible)", file=sys.stderr)
@@ -258,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     from protodepth.geometry.knn_triton import knn_points_triton
 
     gpu = torch.cuda.get_device_name()
+    if args.compare:
+        args.impl = args.impl or ["protodepth"]
+        if args.shapes == list(SHAPES):
+            args.shapes = COMPARE
+        return _compare(args)
     if args.sweep:
         return _sweep(args, knn_points_triton)
     if args.profile:

@@ -408,20 +408,42 @@ def knn_points(
         raise ValueError(f"K: expected an integer >= 1, got {K!r}")
     check_norm(norm)
     n = p1.shape[0]
-    lengths1 = fill_lengths("lengths1", lengths1, n, p1.shape[1], p1.device)
-    lengths2 = fill_lengths("lengths2", lengths2, n, p2.shape[1], p1.device)
-    p1, p2 = p1.contiguous(), p2.contiguous()
+    lengths1 = _lengths("lengths1", lengths1, n, p1.shape[1], p1.device)
+    lengths2 = _lengths("lengths2", lengths2, n, p2.shape[1], p1.device)
+    p1 = p1 if p1.is_contiguous() else p1.contiguous()
+    p2 = p2 if p2.is_contiguous() else p2.contiguous()
     if torch.compiler.is_compiling():
         # torch.compile traces the custom op (custom_ops.py), whose CUDA kernel is the same Triton kernel
         dists, idx = torch.ops.protodepth.knn_points(p1, p2, lengths1, lengths2, K, norm)
     elif p1.is_cuda and _use_triton():
-        from .knn_triton import knn_points_triton
+        from .knn_triton import knn_points_validated
 
-        dists, idx = knn_points_triton(p1, p2, lengths1, lengths2, K, norm)
+        dists, idx = knn_points_validated(p1, p2, lengths1, lengths2, K, norm)
     else:
         dists, idx = _knn_points_torch(p1, p2, lengths1, lengths2, K, norm)
     nn = knn_gather(p2, idx, lengths2) if return_nn else None
     return KNN(dists=dists, idx=idx, knn=nn)
+
+
+# full-length tensors of CUDA calls without lengths, one per (N, P, device): a torch.full per call is a launch
+_FULL_LENGTHS: dict = {}
+
+
+def _lengths(name: str, lengths, n: int, p: int, device: torch.device) -> torch.Tensor:
+    """fill_lengths, except that a CUDA call without lengths reuses one cached (n,) int64 tensor of p (never
+    written: the ops only read lengths). While a CUDA graph is captured or torch.compile traces, a fresh tensor:
+    a fill captured into a graph only runs when the graph replays."""
+    if lengths is not None or device.type != "cuda" or torch.compiler.is_compiling() or \
+            torch.cuda.is_current_stream_capturing():
+        return fill_lengths(name, lengths, n, p, device)
+    key = (n, p, device)
+    out = _FULL_LENGTHS.get(key)
+    if out is None:
+        out = fill_lengths(name, None, n, p, device)
+        # never evicted: a CUDA graph captured with a cached tensor keeps reading its memory
+        if len(_FULL_LENGTHS) < 1024:
+            _FULL_LENGTHS[key] = out
+    return out
 
 
 def knn_gather(x: torch.Tensor, idx: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

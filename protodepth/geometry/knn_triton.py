@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from . import _triton_launch
+
 try:  # triton ships with torch's CUDA wheels; a CPU-only install may lack it
     import triton
     import triton.language as tl
@@ -39,7 +41,7 @@ except Exception as exc:  # pragma: no cover - depends on the install
     tl = None
     _TRITON_ERROR = exc
 
-__all__ = ["knn_points_triton", "MAX_K", "MAX_D"]
+__all__ = ["knn_points_triton", "knn_points_validated", "MAX_K", "MAX_D"]
 
 MAX_K = 128  # running top-K lives in registers: (BLOCK_Q, next_pow2(K)) per program
 MAX_D = 16
@@ -53,19 +55,24 @@ if triton is not None:
 
     @triton.jit
     def _tile_dists(p1_base, p2_base, Q_SD, P2S, q, qmask, c, cmask,
-                    D: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, Q_SQ: tl.constexpr):
+                    D: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, Q_SQ: tl.constexpr,
+                    C_ROWS: tl.constexpr = False):
         """(BLOCK_C, BLOCK_Q) direct-form distances; +inf for masked candidates.
 
         Query coordinate d of query q sits at p1_base + d * Q_SD + q * Q_SQ: a coordinate-major (D, P) copy
         (Q_SD = padded length, Q_SQ = 1) or the caller's (P, D) rows read in place (Q_SD = 1, Q_SQ = D; one query per
-        thread, so the strided load costs nothing). Candidates come from a coordinate-major (D, P2S) copy.
+        thread, so the strided load costs nothing). Candidates come from a coordinate-major (D, P2S) copy, or with
+        C_ROWS from the caller's (P2, D) rows read in place (masked loads, no copy launch: small problems).
         Candidates run along dim 0 so that Triton's default layout gives each thread whole columns: the per-query
         reductions over candidates then stay inside a thread instead of crossing warps through shared memory.
         """
         # candidate loads unmasked: the coordinate-major copies are padded to whole tiles, which lets them
         # vectorise; whatever the padding holds is replaced by +inf below
         a = tl.load(p1_base + q * Q_SQ, mask=qmask, other=0.0).to(ACC)
-        b = tl.load(p2_base + c).to(ACC)
+        if C_ROWS:
+            b = tl.load(p2_base + c * D, mask=cmask, other=0.0).to(ACC)
+        else:
+            b = tl.load(p2_base + c).to(ACC)
         diff = a[None, :] - b[:, None]
         if NORM == 2:
             dist = diff * diff
@@ -73,7 +80,10 @@ if triton is not None:
             dist = tl.abs(diff)
         for d in tl.static_range(1, D):
             a = tl.load(p1_base + d * Q_SD + q * Q_SQ, mask=qmask, other=0.0).to(ACC)
-            b = tl.load(p2_base + d * P2S + c).to(ACC)
+            if C_ROWS:
+                b = tl.load(p2_base + c * D + d, mask=cmask, other=0.0).to(ACC)
+            else:
+                b = tl.load(p2_base + d * P2S + c).to(ACC)
             diff = a[None, :] - b[:, None]
             if NORM == 2:
                 dist += diff * diff
@@ -84,10 +94,11 @@ if triton is not None:
     @triton.jit
     def _knn_fwd_kernel(
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
+        fin_d_ptr, fin_i_ptr, cnt_ptr,
         P1, P2, P1N, Q_SD, P2S, CHUNK, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
         ACC: tl.constexpr, FINAL: tl.constexpr, SORTED: tl.constexpr, Q_SQ: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, C_ROWS: tl.constexpr = False, TICKET: tl.constexpr = False,
     ):
         """One program: BLOCK_Q queries of cloud n against candidates [s*CHUNK, (s+1)*CHUNK) of cloud n.
 
@@ -96,7 +107,11 @@ if triton is not None:
         p2 (N, D, P2S): coordinate-major copy padded to whole tiles (P2S a multiple of BLOCK_C; the padding may hold
         anything). lengths (N,) integer, clamped here to [0, P1] / [0, P2].
         Output (S, N, P1, K) with S = grid dim 2. FINAL (a single split): write PyTorch3D padding (0, 0) directly.
-        Otherwise write +inf / -1 for empty slots and padded queries; _knn_merge_kernel merges the splits and pads.
+        Otherwise write +inf / -1 for empty slots and padded queries (idx in idx_ptr's integer type), and with
+        TICKET the merge happens here: each program takes a ticket from cnt (N, T1) int32 (zero on entry) after
+        its partial rows are written, and the last of the S programs of a query tile merges the S partial rows
+        into fin_d / fin_i (N, P1, K) with PyTorch3D padding (one launch instead of a search and a merge kernel).
+        C_ROWS: candidates read in place from the caller's contiguous (N, P2, D) rows (P2S = P2), no copy.
 
         SORTED: p1 and p2 are sorted by Morton cell (valid points first), perm1/perm2 (N, P1)/(N, P2) int32
         map sorted positions to original indices, box (N, T2, 2, D) holds each candidate tile's bounding box,
@@ -111,6 +126,7 @@ if triton is not None:
         n = tl.program_id(1)
         s = tl.program_id(2)
         num_n = tl.num_programs(1)
+        num_s = tl.num_programs(2)
         L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
         L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
         BIG: tl.constexpr = 2147483647
@@ -173,7 +189,7 @@ if triton is not None:
             if go:
                 c = c0 + cols
                 cmask = c < c_end
-                dist = _tile_dists(p1_base, p2_base, Q_SD, P2S, q, qmask, c, cmask, D, NORM, ACC, Q_SQ)
+                dist = _tile_dists(p1_base, p2_base, Q_SD, P2S, q, qmask, c, cmask, D, NORM, ACC, Q_SQ, C_ROWS)
                 if SORTED:
                     oidx = tl.load(perm2_ptr + n.to(tl.int64) * P2 + c, mask=cmask, other=0).to(tl.int32)
                 else:
@@ -235,7 +251,7 @@ if triton is not None:
                 out_d = tl.where(valid, best1_d, inf)
                 out_i = tl.where(valid, best1_i, -1)
             tl.store(dist_ptr + out_base + q_out, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
-            tl.store(idx_ptr + out_base + q_out, out_i.to(tl.int64), mask=row_ok)
+            tl.store(idx_ptr + out_base + q_out, out_i.to(idx_ptr.dtype.element_ty), mask=row_ok)
         else:
             bd = tl.where(slot[:, None] < K, best_d, inf)
             # a runtime loop, not unrolled: unrolling K extraction steps made K=32..128 compile for minutes
@@ -253,7 +269,15 @@ if triton is not None:
                     out_d = tl.where(valid, m, inf)
                     out_i = tl.where(valid, i_sel, -1)
                 tl.store(dist_ptr + out_base + q_out * K + k, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
-                tl.store(idx_ptr + out_base + q_out * K + k, out_i.to(tl.int64), mask=row_ok)
+                tl.store(idx_ptr + out_base + q_out * K + k, out_i.to(idx_ptr.dtype.element_ty), mask=row_ok)
+        if TICKET:
+            # every thread's partial rows are written before this program's ticket is taken; the ticket's
+            # acquire-release atomic (with the barrier: the usual "last block" pattern) makes the other programs'
+            # rows visible to the one that takes the last ticket
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + n * T1 + pid_q, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_s - 1:
+                _merge_rows(dist_ptr, idx_ptr, fin_d_ptr, fin_i_ptr, n, num_n, q, L1, L2, num_s, P1, K, KP, BLOCK_Q)
 
     @triton.jit
     def _bbox_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, part_ptr, P1, P2, CH1, CH2,
@@ -475,22 +499,18 @@ if triton is not None:
         tl.store(lbs_ptr + out, lbs.to(ACC), mask=tm)
 
     @triton.jit
-    def _knn_merge_kernel(pd_ptr, pi_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, S, P1, P2,
-                          K: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr):
+    def _merge_rows(pd_ptr, pi_ptr, dist_ptr, idx_ptr, n, num_n, q, L1, L2, S, P1,
+                    K: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr):
         """Merge S candidate splits (S, N, P1, K) (+inf / -1 in empty slots, each sorted by (dist, idx), split s
-        holding lower candidate indices than split s + 1) into (N, P1, K) with PyTorch3D padding, in one launch.
+        holding lower candidate indices than split s + 1) of queries q (BLOCK_Q,) of cloud n into dist / idx
+        (N, P1, K) with PyTorch3D padding.
 
         Fixed order (split by split, slot by slot) and the same (dist, idx) rule as the search, so the result is
-        the one a single split would give.
+        the one a single split would give. Loads bypass L1 (.cg): the rows were written by other programs of the
+        same launch.
         """
-        pid = tl.program_id(0)
-        n = tl.program_id(1)
-        num_n = tl.num_programs(1)
-        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
-        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
         BIG: tl.constexpr = 2147483647
         inf = float("inf")
-        q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
         row_ok = q < P1
         qmask = q < L1
         slot = tl.arange(0, KP)
@@ -499,8 +519,8 @@ if triton is not None:
             best1_i = tl.full((BLOCK_Q,), BIG, tl.int32)
             for s in range(S):
                 base = (n.to(tl.int64) + s * num_n) * P1
-                m = tl.load(pd_ptr + base + q, mask=qmask, other=inf)
-                mi = tl.load(pi_ptr + base + q, mask=qmask, other=-1).to(tl.int32)
+                m = tl.load(pd_ptr + base + q, mask=qmask, other=inf, cache_modifier=".cg")
+                mi = tl.load(pi_ptr + base + q, mask=qmask, other=-1, cache_modifier=".cg").to(tl.int32)
                 # a later split only holds larger indices: equal distances never replace
                 upd = m < best1_d
                 best1_d = tl.where(upd, m, best1_d)
@@ -515,8 +535,8 @@ if triton is not None:
             for s in range(S):
                 base = ((n.to(tl.int64) + s * num_n) * P1 + q) * K
                 for k in range(K):
-                    m = tl.load(pd_ptr + base + k, mask=qmask, other=inf)
-                    mi = tl.load(pi_ptr + base + k, mask=qmask, other=-1).to(tl.int32)
+                    m = tl.load(pd_ptr + base + k, mask=qmask, other=inf, cache_modifier=".cg")
+                    mi = tl.load(pi_ptr + base + k, mask=qmask, other=-1, cache_modifier=".cg").to(tl.int32)
                     mx = tl.max(best_d, 0)
                     at_mx = best_d == mx[None, :]
                     ev = tl.max(tl.where(at_mx, best_i, -BIG), 0)
@@ -642,6 +662,15 @@ if triton is not None:
 # candidate tiles per row sorted in registers by _tile_order_kernel (4096 int64 keys over 8 warps: 16 per thread;
 # 8192 took 21 s to compile); longer rows (P2 > 131 072 at 32-candidate tiles) go through torch.sort
 _MAX_SORT_TILES = 4096
+# brute-force problems below this many pairs (~60 us of search on an H100) read p2 in place instead of a copy
+_ROWS_MAX_PAIRS = 1 << 27
+
+
+def _run(fn, grid: tuple, *args, **meta) -> None:
+    """fn[grid](*args, **meta), through the compiled kernel after the first launch of a specialisation
+    (_triton_launch: Triton's per-call argument binding costs more host time than a small search)."""
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    _triton_launch.launch(fn, grid, args, meta, (_triton_launch.arg_key(args), tuple(meta.items())))
 
 
 def _next_pow2(x: int) -> int:
@@ -669,13 +698,23 @@ def _sm_count(device: torch.device) -> int:
 
 def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.device, block_q=None, block_c=None,
                     splits=None, num_warps=None, spatial_sort=None):
-    """Tile sizes, candidate splits, warps and whether to sort spatially, for one call.
+    """(block_q, block_c, splits, chunk, num_warps, spatial_sort, candidate rows in place) for one call.
+
+    Cached per shape: eager calls of small problems are bound by host time, and this is pure Python.
+    """
+    return _forward_config_cached(N, P1, P2, K, D, device.type, _sm_count(device), _interpreting(), block_q, block_c,
+                                  splits, num_warps, spatial_sort)
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_config_cached(N: int, P1: int, P2: int, K: int, D: int, dev_type: str, sms: int, interp: bool,
+                           block_q, block_c, splits, num_warps, spatial_sort):
+    """The body of _forward_config.
 
     The (BLOCK_C, BLOCK_Q) tile is laid out one query column per thread (num_warps = BLOCK_Q / 32), so a thread
     holds BLOCK_C candidates of its query and reduces them without crossing threads.
     """
-    interp = _interpreting()
-    target = 2 * _sm_count(device)
+    target = 2 * sms
     if spatial_sort is None:
         # Pruning needs enough work to amortise its ~10 extra launches and enough query tiles to hide the latency
         # of its walk: measured on an H100, brute force took 4.8 ms per 1e10 pairs, so below ~2.7e8 pairs (~0.13 ms)
@@ -717,7 +756,10 @@ def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.devi
     chunk = triton.cdiv(triton.cdiv(max(P2, 1), splits), bc) * bc
     splits = triton.cdiv(max(P2, 1), chunk)
     num_warps = num_warps or max(1, min(8, bq // 32))
-    return bq, bc, splits, chunk, num_warps, bool(spatial_sort)
+    # small brute-force problems read the candidates in place: the coordinate-major copy (16-byte loads) saves
+    # device time only where there is device time to save, and costs a launch
+    rows = not spatial_sort and N * P1 * P2 < _ROWS_MAX_PAIRS
+    return bq, bc, splits, chunk, num_warps, bool(spatial_sort), rows
 
 
 def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
@@ -750,7 +792,7 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     # partial boxes over NCH chunks of both clouds, reduced inside the Morton kernel
     nch = max(1, min(64, triton.cdiv(max(P1, P2), 2048)))
     part = torch.empty((N, nch, 2, dp), dtype=acc_t, device=dev)
-    _bbox_kernel[(nch, N)](a, b, l1, l2, part, P1, P2, triton.cdiv(P1, nch), triton.cdiv(P2, nch),
+    _run(_bbox_kernel, (nch, N), a, b, l1, l2, part, P1, P2, triton.cdiv(P1, nch), triton.cdiv(P2, nch),
                            D=D, DM=dm, DP=dp, ACC=acc, BLOCK=256)
     if N * (P1 + P2) >= (1 << 31):  # sorted positions are int32
         raise ValueError(f"p1, p2: N * (P1 + P2) = {N * (P1 + P2)} too large for spatial_sort=True; use False")
@@ -763,7 +805,7 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     cnt = torch.zeros(2 * N * nbk, dtype=torch.int32, device=dev)
     bkt = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
     nb1, nb2 = triton.cdiv(P1, 1024), triton.cdiv(P2, 1024)
-    _bucket_kernel[(nb1 + nb2, N)](a, b, l1, l2, part, bkt, cnt, P1, P2, nb1, nch, B=bits, D=D, DM=dm, DP=dp,
+    _run(_bucket_kernel, (nb1 + nb2, N), a, b, l1, l2, part, bkt, cnt, P1, P2, nb1, nch, B=bits, D=D, DM=dm, DP=dp,
                                    NCHP=_next_pow2(nch), ACC=acc, BLOCK=1024)
     ends = torch.cumsum(cnt, 0, dtype=torch.int32)
     T1, T2 = triton.cdiv(P1, bq), triton.cdiv(P2, bc)
@@ -771,21 +813,21 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     p2s = torch.empty((N, D, T2 * bc), dtype=acc_t, device=dev)
     lperm = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
     nb1, nb2 = triton.cdiv(P1, 256), triton.cdiv(P2, 256)
-    _scatter_kernel[(nb1 + nb2, N)](a, b, bkt, ends, lperm, p1s, p2s, P1, P2, T1 * bq, T2 * bc, nb1,
+    _run(_scatter_kernel, (nb1 + nb2, N), a, b, bkt, ends, lperm, p1s, p2s, P1, P2, T1 * bq, T2 * bc, nb1,
                                     B=bits, D=D, DP=dp, ACC=acc, BLOCK=256)
     qbox = torch.empty((N, T1, 2, D), dtype=acc_t, device=dev)
     box = torch.empty((N, T2, 2, D), dtype=acc_t, device=dev)
-    _tile_box_kernel[(T1 + T2, N)](p1s, p2s, l1, l2, qbox, box, P1, P2, T1 * bq, T2 * bc, T1, T2, D=D, DP=dp,
+    _run(_tile_box_kernel, (T1 + T2, N), p1s, p2s, l1, l2, qbox, box, P1, P2, T1 * bq, T2 * bc, T1, T2, D=D, DP=dp,
                                    TILE1=bq, TILE2=bc)
     perm1, perm2 = lperm[:N * P1].view(N, P1), lperm[N * P1:].view(N, P2)
     lbs = torch.empty((N, T1, T2), dtype=acc_t, device=dev)
     t2p = _next_pow2(T2)
     if t2p <= _MAX_SORT_TILES:
         order = torch.empty((N, T1, T2), dtype=torch.int32, device=dev)
-        _tile_order_kernel[(T1, N)](qbox, box, lbs, order, T1, T2, D=D, NORM=norm, ACC=acc,
+        _run(_tile_order_kernel, (T1, N), qbox, box, lbs, order, T1, T2, D=D, NORM=norm, ACC=acc,
                                     F64=acc_t == torch.float64, T2P=t2p, num_warps=4 if t2p <= 1024 else 8)
     else:  # a row too long for one program's registers
-        _tile_lb_kernel[(T1, N)](qbox, box, lbs, T1, T2, D=D, NORM=norm, ACC=acc, BLOCK_T=256)
+        _run(_tile_lb_kernel, (T1, N), qbox, box, lbs, T1, T2, D=D, NORM=norm, ACC=acc, BLOCK_T=256)
         lbs, order = torch.sort(lbs, dim=2)
     return p1s, p2s, perm1, perm2, box, order, lbs
 
@@ -822,8 +864,9 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
                  spatial_sort=None):
     """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding.
 
-    lengths (N,) integer tensors on p1's device; the kernels clamp them to [0, P1] / [0, P2]. Launches: brute force
-    2 (candidate copy, search) plus 1 merge when the candidates are split; the sorted path about 12. No host sync.
+    lengths (N,) integer tensors on p1's device; the kernels clamp them to [0, P1] / [0, P2]. Launches: small brute
+    force problems 1 (candidates read in place; with candidate splits, + 1 zeroing of the merge tickets), larger
+    ones + 1 candidate copy; the sorted path about 12. No host sync.
     """
     N, P1, D = p1.shape
     P2 = p2.shape[1]
@@ -832,40 +875,44 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     if N == 0 or P1 == 0:
         return torch.zeros(N, P1, K, dtype=out_dtype, device=dev), torch.zeros(N, P1, K, dtype=torch.int64, device=dev)
     l1, l2 = lengths1, lengths2
-    bq, bc, S, chunk, warps, sort = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps,
-                                                    spatial_sort)
+    bq, bc, S, chunk, warps, sort, rows = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps,
+                                                          spatial_sort)
     p1d = p1.detach()
+    T1 = triton.cdiv(P1, bq)
     if sort and P2 > 0:
         p1c, p2c, perm1, perm2, box, order, lbs = _spatial_sort(p1d, p2.detach(), l1, l2, bq, bc, norm)
-        T1, T2 = order.shape[1], order.shape[2]
-        p1n, q_sd, q_sq = D * p1c.shape[2], p1c.shape[2], 1
+        T2 = order.shape[2]
+        p1n, q_sd, q_sq, p2s = D * p1c.shape[2], p1c.shape[2], 1, p2c.shape[2]
     else:
         sort = False
-        # queries are read in place from the (N, P1, D) rows (one query per thread); candidates need the
-        # coordinate-major copy for 16-byte loads: O(N P2 D), one launch
-        p1c = p1d.contiguous()
-        p2c = _coord_major(p2.detach(), triton.cdiv(max(P2, 1), bc) * bc)
+        # queries are read in place from the (N, P1, D) rows (one query per thread); candidates too on small
+        # problems, otherwise from a coordinate-major copy padded to whole tiles (16-byte loads; one launch)
+        p1c = p1d if p1d.is_contiguous() else p1d.contiguous()
+        if rows:
+            p2c, p2s = (p2.detach() if p2.is_contiguous() else p2.detach().contiguous()), P2
+        else:
+            p2c = _coord_major(p2.detach(), triton.cdiv(max(P2, 1), bc) * bc)
+            p2s = p2c.shape[2]
         p1n, q_sd, q_sq = P1 * D, 1, D
         perm1 = perm2 = box = order = lbs = l1  # never read
-        T1 = T2 = 1
-    dists = torch.empty(S, N, P1, K, dtype=out_dtype, device=dev)
-    idx = torch.empty(S, N, P1, K, dtype=torch.int64, device=dev)
-    grid = (triton.cdiv(P1, bq), N, S)
-    kp = _next_pow2(max(K, 2))
-    _knn_fwd_kernel[grid](
-        p1c, p2c, l1, l2, dists, idx, perm1, perm2, box, order, lbs, P1, P2, p1n, q_sd, p2c.shape[2], chunk, T1, T2,
-        K=K, KP=kp, D=D, NORM=norm, ACC=_acc_dtype(p1.dtype), FINAL=(S == 1), SORTED=sort, Q_SQ=q_sq,
-        BLOCK_Q=bq, BLOCK_C=bc, num_warps=warps,
-    )
+        T2 = 1
+    dists = torch.empty(N, P1, K, dtype=out_dtype, device=dev)
+    idx = torch.empty(N, P1, K, dtype=torch.int64, device=dev)
     if S == 1:
-        return dists[0], idx[0]
-    # splits hold increasing candidate ranges, each sorted by (dist, idx): merged in one launch
-    out_d = torch.empty(N, P1, K, dtype=out_dtype, device=dev)
-    out_i = torch.empty(N, P1, K, dtype=torch.int64, device=dev)
-    mq = 16 if _interpreting() else 32
-    _knn_merge_kernel[(triton.cdiv(P1, mq), N)](dists, idx, l1, l2, out_d, out_i, S, P1, P2, K=K, KP=kp,
-                                                 BLOCK_Q=mq, num_warps=1)
-    return out_d, out_i
+        part_d, part_i, tickets = dists, idx, l1  # tickets never read
+    else:
+        # the S partial rows and one merge ticket per query tile; only the tickets need the zeros
+        part_d = torch.empty(S, N, P1, K, dtype=out_dtype, device=dev)
+        ws = torch.zeros(N * T1 + S * N * P1 * K, dtype=torch.int32, device=dev)
+        tickets, part_i = ws, ws[N * T1:]
+    kp = _next_pow2(max(K, 2))
+    _run(
+        _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,
+        P1, P2, p1n, q_sd, p2s, chunk, T1, T2,
+        K=K, KP=kp, D=D, NORM=norm, ACC=_acc_dtype(p1.dtype), FINAL=(S == 1), SORTED=sort, Q_SQ=q_sq,
+        BLOCK_Q=bq, BLOCK_C=bc, C_ROWS=rows, TICKET=(S > 1), num_warps=warps,
+    )
+    return dists, idx
 
 
 def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=True, want_p2=True):
@@ -901,15 +948,15 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
     ne = float(N * P1 * K)
     common = dict(D=D, DP=dp, NORM=norm, ACC=_acc_dtype(p1.dtype), F64=f64, WANT_P1=want_p1, WANT_P2=want_p2,
                   BLOCK_Q=bq, num_warps=4)
-    _knn_bwd_kernel[grid](a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc,
+    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc,
                           P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, PHASE=0, **common)
     if not want_p2:
         return grad_p1, None
-    _knn_bwd_kernel[grid](a, b, lengths1, lengths2, idx, grad_dists, a, acc,
+    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, a, acc,
                           P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, PHASE=1, **common)
     grad_p2 = torch.empty_like(b)
     blk = 256 if interp else 1024
-    _knn_grad_p2_finish_kernel[(triton.cdiv(nd, blk),)](acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
+    _run(_knn_grad_p2_finish_kernel, (triton.cdiv(nd, blk),), acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
     return grad_p1, grad_p2
 
 
@@ -987,3 +1034,20 @@ def knn_points_triton(
         lengths2 = lengths2.to(device=p1.device, dtype=torch.int64)
     tiling = (block_q, block_c, splits, num_warps, spatial_sort)
     return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, tiling)
+
+
+_DEFAULT_TILING = (None, None, None, None, None)
+
+
+def knn_points_validated(p1: torch.Tensor, p2: torch.Tensor, lengths1: torch.Tensor, lengths2: torch.Tensor, K: int,
+                         norm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """knn_points_triton for arguments `knn.knn_points` has already checked (shapes, float dtypes, one device, K, norm;
+    lengths int64 (N,) on that device): the same result without a second round of checks, which cost ~25 us of
+    host time per call, as much as a small search takes on the GPU."""
+    if K > MAX_K or p1.shape[2] > MAX_D:
+        from .knn import _knn_points_torch
+
+        return _knn_points_torch(p1, p2, lengths1, lengths2, K, norm)
+    if p2.dtype != p1.dtype:
+        raise ValueError(f"p1 and p2 must share a float dtype (fp32/fp16/bf16/fp64), got {p1.dtype}, {p2.dtype}")
+    return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, _DEFAULT_TILING)

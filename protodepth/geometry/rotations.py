@@ -23,17 +23,16 @@ def _check_convention(convention) -> None:
         raise ValueError(f"convention: middle letter must differ from both ends, got {convention!r}")
 
 
-def _axis_rotation(axis: str, angle: torch.Tensor) -> torch.Tensor:
-    """(...) angles -> (...) x (3, 3) rotation about one coordinate axis."""
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    one, zero = torch.ones_like(angle), torch.zeros_like(angle)
+def _axis_rotation(axis: str, cos: torch.Tensor, sin: torch.Tensor, nsin: torch.Tensor, one: torch.Tensor,
+                   zero: torch.Tensor) -> torch.Tensor:
+    """(...) cosine, sine and minus sine of the angles, ones, zeros -> (...) x (3, 3) rotation about one axis."""
     if axis == "X":
-        flat = (one, zero, zero, zero, cos, -sin, zero, sin, cos)
+        flat = (one, zero, zero, zero, cos, nsin, zero, sin, cos)
     elif axis == "Y":
-        flat = (cos, zero, sin, zero, one, zero, -sin, zero, cos)
+        flat = (cos, zero, sin, zero, one, zero, nsin, zero, cos)
     else:
-        flat = (cos, -sin, zero, sin, cos, zero, zero, zero, one)
-    return torch.stack(flat, -1).reshape(angle.shape + (3, 3))
+        flat = (cos, nsin, zero, sin, cos, zero, zero, zero, one)
+    return torch.stack(flat, -1).reshape(cos.shape + (3, 3))
 
 
 def euler_angles_to_matrix(euler_angles: torch.Tensor, convention: str) -> torch.Tensor:
@@ -46,7 +45,13 @@ def euler_angles_to_matrix(euler_angles: torch.Tensor, convention: str) -> torch
         shape = tuple(euler_angles.shape) if torch.is_tensor(euler_angles) else type(euler_angles).__name__
         raise ValueError(f"euler_angles: expected a tensor of shape (..., 3), got {shape}")
     check_float("euler_angles", euler_angles)
-    mats = [_axis_rotation(c, a) for c, a in zip(convention, torch.unbind(euler_angles, -1))]
+    # cos and sin of all three angles at once, one ones and one zeros tensor: the same values as per angle,
+    # with a third of the kernels (this runs on every training step, forward and backward)
+    cos, sin = torch.cos(euler_angles), torch.sin(euler_angles)
+    nsin = -sin
+    one = torch.ones_like(euler_angles[..., 0])
+    zero = torch.zeros_like(one)
+    mats = [_axis_rotation(c, cos[..., i], sin[..., i], nsin[..., i], one, zero) for i, c in enumerate(convention)]
     return torch.matmul(torch.matmul(mats[0], mats[1]), mats[2])
 
 

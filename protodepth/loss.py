@@ -122,23 +122,28 @@ def prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConf
     }
 
 
+def _weighted(terms: dict[str, torch.Tensor], cfg: LossConfig) -> tuple[torch.Tensor, ...]:
+    """The regularisers' summands of the total loss: (w_edge * edge, w_normal * normal, w_laplacian * laplacian)."""
+    return cfg.w_edge * terms["edge"], cfg.w_normal * terms["normal"], cfg.w_laplacian * terms["laplacian"]
+
 
 class PrototypeTerms:
     """The prototype regularisers of one step, started early: `start_prototype_terms` launches them, `join()`
     hands them over to the caller's stream. Made by `start_prototype_terms`; passed to `proto_depth_loss`."""
 
-    def __init__(self, terms: dict[str, torch.Tensor], stream: "torch.cuda.Stream | None"):
-        self._terms, self._stream = terms, stream
+    def __init__(self, terms: dict[str, torch.Tensor], cfg: LossConfig, stream: "torch.cuda.Stream | None"):
+        self._terms, self._weighted, self._stream = terms, _weighted(terms, cfg), stream
 
-    def join(self) -> dict[str, torch.Tensor]:
-        """{edge, normal, laplacian} (), safe to use on the current stream."""
+    def join(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """({edge, normal, laplacian} each (), their weighted summands of the total), safe to use on the
+        current stream."""
         if self._stream is not None:
             current = torch.cuda.current_stream(self._stream.device)
             current.wait_stream(self._stream)
-            for t in self._terms.values():
+            for t in (*self._terms.values(), *self._weighted):
                 t.record_stream(current)  # made on the side stream, read (and freed) on this one
             self._stream = None
-        return self._terms
+        return self._terms, self._weighted
 
 
 _SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
@@ -161,12 +166,11 @@ def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: Lo
     """
     device = prototypes.device
     if device.type != "cuda" or torch.compiler.is_compiling():
-        return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), None)
+        return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, None)
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.autocast(device_type="cuda", enabled=False):
-        terms = prototype_terms(prototypes.float(), faces, cfg)
-    return PrototypeTerms(terms, side)
+        return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, side)
 
 
 def subsample_targets(target: torch.Tensor, lengths: torch.Tensor, n: int,
@@ -229,12 +233,9 @@ def proto_depth_loss(
             target, lengths = subsample_targets(target, lengths, level.max_targets, generator, keys)
         chamfer, terms, pred = hybrid_chamfer(slot_verts, faces, target, lengths, cfg, level.samples_per_slot,
                                               generator, draws)
-        reg = proto_terms.join() if proto_terms is not None else prototype_terms(prototypes.float(), faces, cfg)
-        total = (
-            cfg.w_chamfer * chamfer
-            + cfg.w_edge * reg["edge"]
-            + cfg.w_normal * reg["normal"]
-            + cfg.w_laplacian * reg["laplacian"]
-        )
+        if proto_terms is None:
+            proto_terms = PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, None)
+        reg, (w_edge, w_normal, w_laplacian) = proto_terms.join()
+        total = cfg.w_chamfer * chamfer + w_edge + w_normal + w_laplacian
     terms = {"chamfer": chamfer, **terms, **reg}
     return LossOutput(total, {k: v.detach() for k, v in terms.items()}, pred.detach())

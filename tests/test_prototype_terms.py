@@ -27,12 +27,15 @@ def test_early_prototype_terms_on_cpu_equal_the_inline_loss_bit_for_bit():
     assert torch.equal(gs_a, gs_b) and torch.equal(gp_a, gp_b)
 
 
-def test_prototype_terms_are_the_three_regularisers_and_join_returns_them():
+def test_prototype_terms_are_the_three_regularisers_and_join_returns_them_with_their_weighted_summands():
     _, protos, faces, *_, cfg, _, _ = small_loss_problem()
+    cfg.w_edge, cfg.w_normal, cfg.w_laplacian = 0.5, 2.0, 3.0
     terms = prototype_terms(protos, faces, cfg)
     assert set(terms) == {"edge", "normal", "laplacian"} and all(t.shape == () for t in terms.values())
-    joined = start_prototype_terms(protos, faces, cfg).join()
+    joined, weighted = start_prototype_terms(protos, faces, cfg).join()
     assert all(torch.equal(joined[k], terms[k]) for k in terms)
+    assert torch.equal(torch.stack(weighted), torch.stack([0.5 * terms["edge"], 2.0 * terms["normal"],
+                                                           3.0 * terms["laplacian"]]))
 
 
 @pytest.mark.cuda

@@ -10,6 +10,7 @@ with --out, writes JSON. `--profile`: device work items per call and per-kernel 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -252,11 +253,14 @@ def _host(args, knn_points_triton) -> int:
 BUILTIN_IMPLS = {
     "protodepth": "protodepth.geometry.knn:knn_points",
     "protodepth-triton": "protodepth.geometry.knn_triton:knn_points_triton",
+    # the same as protodepth, every Triton launch through Triton's ordinary per-call binding (_triton_launch off)
+    "protodepth-slowlaunch": "protodepth.geometry.knn:knn_points",
 }
 
 
 def load_impl(spec: str):
-    """'LABEL=module:function' (or a built-in label) -> (label, call(p1, p2, K) -> (dists, idx)).
+    """'LABEL=module:function' (or a built-in label) -> (label, call(p1, p2, K) -> (dists, idx), context to time
+    it in).
 
     The function is called as function(p1, p2, None, None, K=K) and must return dists and idx first
     (PyTorch3D's knn_points contract); any importable module works, e.g. a reference built elsewhere.
@@ -274,7 +278,18 @@ def load_impl(spec: str):
         out = fn(p1, p2, None, None, K=K)
         return out[0], out[1]
 
-    return label, call
+    return label, call, (_slow_launches if label == "protodepth-slowlaunch" else contextlib.nullcontext)
+
+
+@contextlib.contextmanager
+def _slow_launches():
+    from protodepth.geometry import _triton_launch
+
+    prev = _triton_launch.set_enabled(False)
+    try:
+        yield
+    finally:
+        _triton_launch.set_enabled(prev)
 
 
 def _graph_ms(step, rep_ms: float):
@@ -308,6 +323,26 @@ def _agreement(ref, out):
                 max_dist_diff=float((d0.double() - d1.double()).abs().max()), max_grad_rel_diff=gdiff / gscale)
 
 
+def _compare_impl(label: str, fn, name: str, shape: tuple, tensors: tuple, rep_ms: float, graphs: bool):
+    """One implementation's row (times) and outputs (dists, idx, grad_p1, grad_p2) on one shape."""
+    N, P1, P2, K = shape
+    p1, p2, a, b = tensors
+
+    def fwd():
+        with torch.no_grad():
+            fn(p1, p2, K)
+
+    def fwd_bwd():
+        d, _ = fn(a, b, K)
+        return torch.autograd.grad(d.sum(), (a, b))
+
+    d, i = fn(a, b, K)
+    out = (d.detach(), i) + tuple(torch.autograd.grad(d.sum(), (a, b)))
+    row = dict(shape=name, N=N, P1=P1, P2=P2, K=K, impl=label, fwd=_bench(fwd, rep_ms),
+               fwd_bwd=_bench(fwd_bwd, rep_ms), graph_fwd_bwd=_graph_ms(fwd_bwd, rep_ms) if graphs else None)
+    return row, out
+
+
 def compare_shape(impls, name: str, rep_ms: float, graphs: bool) -> list[dict]:
     """Eager fwd, eager fwd+bwd (autograd.grad of dists.sum() w.r.t. both clouds) and graphed fwd+bwd of every
     implementation on the same fp32 inputs, in this process, plus their agreement with the first one."""
@@ -315,21 +350,11 @@ def compare_shape(impls, name: str, rep_ms: float, graphs: bool) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(0)
     p1 = torch.randn(N, P1, 3, device="cuda", generator=g)
     p2 = torch.randn(N, P2, 3, device="cuda", generator=g)
-    a, b = p1.clone().requires_grad_(), p2.clone().requires_grad_()
+    tensors = (p1, p2, p1.clone().requires_grad_(), p2.clone().requires_grad_())
     rows, ref = [], None
-    for label, fn in impls:
-        def fwd(fn=fn):
-            with torch.no_grad():
-                fn(p1, p2, K)
-
-        def fwd_bwd(fn=fn):
-            d, _ = fn(a, b, K)
-            return torch.autograd.grad(d.sum(), (a, b))
-
-        d, i = fn(a, b, K)
-        out = (d.detach(), i) + tuple(torch.autograd.grad(d.sum(), (a, b)))
-        row = dict(shape=name, N=N, P1=P1, P2=P2, K=K, impl=label, fwd=_bench(fwd, rep_ms),
-                   fwd_bwd=_bench(fwd_bwd, rep_ms), graph_fwd_bwd=_graph_ms(fwd_bwd, rep_ms) if graphs else None)
+    for label, fn, context in impls:
+        with context():
+            row, out = _compare_impl(label, fn, name, (N, P1, P2, K), tensors, rep_ms, graphs)
         ref = ref or out
         row.update(_agreement(ref, out))
         rows.append(row)

@@ -40,12 +40,17 @@ def arg_key(args: tuple) -> tuple:
     """What Triton specialises a launch on, per runtime argument (tensors and Python ints/floats)."""
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() & 15 == 0))
-        elif isinstance(a, bool) or not isinstance(a, int):
-            out.append(type(a))
-        else:
+        t = type(a)
+        if t is int:
             out.append((a == 1, a & 15 == 0, -_I32 <= a < _I32))
+        elif t is float:
+            out.append(t)
+        elif isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() & 15 == 0))
+        elif isinstance(a, int) and not isinstance(a, bool):  # an int subclass: as an int
+            out.append((a == 1, a & 15 == 0, -_I32 <= a < _I32))
+        else:
+            out.append((t, a))
     return tuple(out)
 
 

@@ -673,6 +673,11 @@ def _run(fn, grid: tuple, *args, **meta) -> None:
     _triton_launch.launch(fn, grid, args, meta, (_triton_launch.arg_key(args), tuple(meta.items())))
 
 
+def _cdiv(a: int, b: int) -> int:
+    # host-side ceil division; triton.cdiv is a constexpr function (~10 us of Python per call in triton 3.8)
+    return -(-a // b)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -690,10 +695,18 @@ def _sm_count_cached(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_SMS: dict = {}
+
+
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+    sms = _SMS.get(device)
+    if sms is None:
+        if device.type != "cuda":
+            return 4
+        sms = _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+        if device.index is not None:
+            _SMS[device] = sms
+    return sms
 
 
 def _forward_config(N: int, P1: int, P2: int, K: int, D: int, device: torch.device, block_q=None, block_c=None,
@@ -720,7 +733,7 @@ def _forward_config_cached(N: int, P1: int, P2: int, K: int, D: int, dev_type: s
         # of its walk: measured on an H100, brute force took 4.8 ms per 1e10 pairs, so below ~2.7e8 pairs (~0.13 ms)
         # it wins; the tile-pair table must also stay small.
         spatial_sort = (N * P1 * P2 >= (1 << 28) and P2 >= 8 * (block_c or 32) and N * (P1 + P2) < (1 << 31)
-                        and N * triton.cdiv(P1, block_q or 32) * triton.cdiv(P2, block_c or 32) <= (1 << 25))
+                        and N * _cdiv(P1, block_q or 32) * _cdiv(P2, block_c or 32) <= (1 << 25))
     if interp:
         bc = block_c or 16
     elif spatial_sort:
@@ -740,21 +753,21 @@ def _forward_config_cached(N: int, P1: int, P2: int, K: int, D: int, dev_type: s
         else:
             bq = 128
             # fill the GPU with query tiles before resorting to candidate splits
-            while bq > 32 and N * triton.cdiv(P1, bq) < target:
+            while bq > 32 and N * _cdiv(P1, bq) < target:
                 bq //= 2
     else:
         bq = block_q
-    n_qblocks = triton.cdiv(P1, bq)
+    n_qblocks = _cdiv(P1, bq)
     if spatial_sort:
         splits = 1  # each split would need its own bounds; pruning wants the whole candidate cloud
     elif splits is None:
         # too few query tiles to fill the GPU: split the candidates too and merge afterwards
         splits = 1
         if N * n_qblocks < 2 * target:
-            splits = min(triton.cdiv(2 * target, N * n_qblocks), max(1, P2 // (4 * bc)))
-    splits = max(1, min(int(splits), triton.cdiv(max(P2, 1), bc)))
-    chunk = triton.cdiv(triton.cdiv(max(P2, 1), splits), bc) * bc
-    splits = triton.cdiv(max(P2, 1), chunk)
+            splits = min(_cdiv(2 * target, N * n_qblocks), max(1, P2 // (4 * bc)))
+    splits = max(1, min(int(splits), _cdiv(max(P2, 1), bc)))
+    chunk = _cdiv(_cdiv(max(P2, 1), splits), bc) * bc
+    splits = _cdiv(max(P2, 1), chunk)
     num_warps = num_warps or max(1, min(8, bq // 32))
     # small brute-force problems read the candidates in place: the coordinate-major copy (16-byte loads) saves
     # device time only where there is device time to save, and costs a launch
@@ -790,9 +803,9 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     dm, dp = min(D, 3), _next_pow2(D)
     a, b = p1.detach().contiguous(), p2.detach().contiguous()
     # partial boxes over NCH chunks of both clouds, reduced inside the Morton kernel
-    nch = max(1, min(64, triton.cdiv(max(P1, P2), 2048)))
+    nch = max(1, min(64, _cdiv(max(P1, P2), 2048)))
     part = torch.empty((N, nch, 2, dp), dtype=acc_t, device=dev)
-    _run(_bbox_kernel, (nch, N), a, b, l1, l2, part, P1, P2, triton.cdiv(P1, nch), triton.cdiv(P2, nch),
+    _run(_bbox_kernel, (nch, N), a, b, l1, l2, part, P1, P2, _cdiv(P1, nch), _cdiv(P2, nch),
                            D=D, DM=dm, DP=dp, ACC=acc, BLOCK=256)
     if N * (P1 + P2) >= (1 << 31):  # sorted positions are int32
         raise ValueError(f"p1, p2: N * (P1 + P2) = {N * (P1 + P2)} too large for spatial_sort=True; use False")
@@ -804,15 +817,15 @@ def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
     nbk = (1 << (3 * bits)) + 1
     cnt = torch.zeros(2 * N * nbk, dtype=torch.int32, device=dev)
     bkt = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
-    nb1, nb2 = triton.cdiv(P1, 1024), triton.cdiv(P2, 1024)
+    nb1, nb2 = _cdiv(P1, 1024), _cdiv(P2, 1024)
     _run(_bucket_kernel, (nb1 + nb2, N), a, b, l1, l2, part, bkt, cnt, P1, P2, nb1, nch, B=bits, D=D, DM=dm, DP=dp,
                                    NCHP=_next_pow2(nch), ACC=acc, BLOCK=1024)
     ends = torch.cumsum(cnt, 0, dtype=torch.int32)
-    T1, T2 = triton.cdiv(P1, bq), triton.cdiv(P2, bc)
+    T1, T2 = _cdiv(P1, bq), _cdiv(P2, bc)
     p1s = torch.empty((N, D, T1 * bq), dtype=acc_t, device=dev)
     p2s = torch.empty((N, D, T2 * bc), dtype=acc_t, device=dev)
     lperm = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
-    nb1, nb2 = triton.cdiv(P1, 256), triton.cdiv(P2, 256)
+    nb1, nb2 = _cdiv(P1, 256), _cdiv(P2, 256)
     _run(_scatter_kernel, (nb1 + nb2, N), a, b, bkt, ends, lperm, p1s, p2s, P1, P2, T1 * bq, T2 * bc, nb1,
                                     B=bits, D=D, DP=dp, ACC=acc, BLOCK=256)
     qbox = torch.empty((N, T1, 2, D), dtype=acc_t, device=dev)
@@ -878,7 +891,7 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     bq, bc, S, chunk, warps, sort, rows = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps,
                                                           spatial_sort)
     p1d = p1.detach()
-    T1 = triton.cdiv(P1, bq)
+    T1 = _cdiv(P1, bq)
     if sort and P2 > 0:
         p1c, p2c, perm1, perm2, box, order, lbs = _spatial_sort(p1d, p2.detach(), l1, l2, bq, bc, norm)
         T2 = order.shape[2]
@@ -891,7 +904,7 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
         if rows:
             p2c, p2s = (p2.detach() if p2.is_contiguous() else p2.detach().contiguous()), P2
         else:
-            p2c = _coord_major(p2.detach(), triton.cdiv(max(P2, 1), bc) * bc)
+            p2c = _coord_major(p2.detach(), _cdiv(max(P2, 1), bc) * bc)
             p2s = p2c.shape[2]
         p1n, q_sd, q_sq = P1 * D, 1, D
         perm1 = perm2 = box = order = lbs = l1  # never read
@@ -938,7 +951,7 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
     interp = _interpreting()
     bq = 16 if interp else 128
     dp = _next_pow2(D)
-    grid = (triton.cdiv(P1, bq), N)
+    grid = (_cdiv(P1, bq), N)
     gs = grad_dists.stride()
     grad_p1 = torch.empty_like(a) if want_p1 else None
     nd = N * P2 * D
@@ -956,7 +969,7 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
                           P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, PHASE=1, **common)
     grad_p2 = torch.empty_like(b)
     blk = 256 if interp else 1024
-    _run(_knn_grad_p2_finish_kernel, (triton.cdiv(nd, blk),), acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
+    _run(_knn_grad_p2_finish_kernel, (_cdiv(nd, blk),), acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
     return grad_p1, grad_p2
 
 

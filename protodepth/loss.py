@@ -67,8 +67,20 @@ def repulsion(centroids: torch.Tensor, min_distance: float, sharpness: float) ->
     # sqrt of a clamped square keeps the gradient finite on the diagonal (masked out below anyway)
     dist = diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()  # (B, K, K)
     pen = torch.exp(sharpness * torch.relu(min_distance - dist))
-    off_diag = ~torch.eye(K, dtype=torch.bool, device=centroids.device)
-    return (pen * off_diag).sum(dim=(1, 2)) / (K * (K - 1))
+    return (pen * _constant("off_diag", K, centroids.device)).sum(dim=(1, 2)) / (K * (K - 1))
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(kind: str, n: int, device: torch.device) -> torch.Tensor:
+    """Index-only tensors made once per (kind, n, device) rather than by a kernel every step: "off_diag" (n, n)
+    bool, ~eye; "arange" (n,) int64. Never evicted: a captured CUDA graph reads them by address (few shapes)."""
+    key = (kind, n, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = (~torch.eye(n, dtype=torch.bool, device=device) if kind == "off_diag"
+                           else torch.arange(n, device=device))
+    return _CONSTANTS[key]
 
 
 def hybrid_chamfer(
@@ -99,7 +111,7 @@ def hybrid_chamfer(
 
     # global: every target point -> its k nearest predicted points (any slot)
     g = knn_points(target, pred_flat, lengths1=lengths, K=cfg.k_nearest).dists  # (B, N, k)
-    valid = torch.arange(target.shape[1], device=target.device)[None, :] < lengths[:, None]  # (B, N)
+    valid = _constant("arange", target.shape[1], target.device)[None, :] < lengths[:, None]  # (B, N)
     g_img = (g.mean(-1) * valid).sum(1) / lengths.clamp_min(1).to(g.dtype)  # (B,)
 
     # per slot: every predicted sample -> nearest target point; mean over samples, then over slots

@@ -31,6 +31,7 @@ rank 0's, which is what DDP (broadcast_buffers=True) leaves.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 from typing import Iterable, Iterator
 
@@ -68,13 +69,17 @@ class FlatGrads:
     (I*kH*kW, 1, kW*I, I)), so a backward accumulates into it in place in the parameter's own layout.
     `bucket_mb`: size of one all-reduce, in MiB (25 like DDP's default); buckets are contiguous slices of a
     buffer, so they need no packing.
+    `tail_bucket_mb`: the size of each buffer's first bucket, the last one launched. It holds the first
+    layers, whose gradients a backward writes last, so its all-reduce is the part no backward work overlaps:
+    small, like DDP's 1 MiB bucket (there the first one reduced, for the same reason at the other end).
     `overlap`: whether the owner averages inside the backward (`reduce_during_backward`, True) or after it
     (`all_reduce_mean_`, False); a flag for the trainer and the benchmarks, FlatGrads itself serves both.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], bucket_mb: float = 25.0, overlap: bool = True):
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb: got {bucket_mb}, must be > 0")
+    def __init__(self, params: Iterable[torch.Tensor], bucket_mb: float = 25.0, overlap: bool = True,
+                 tail_bucket_mb: float = 1.0):
+        if bucket_mb <= 0 or tail_bucket_mb <= 0:
+            raise ValueError(f"bucket_mb, tail_bucket_mb: got {bucket_mb}, {tail_bucket_mb}; both must be > 0")
         seen: set[int] = set()
         self.params: list[torch.Tensor] = []
         for p in params:
@@ -86,6 +91,7 @@ class FlatGrads:
         self._offsets: list[int] = []  # each parameter's element offset in its buffer
         self._layout(self.params)
         self.bucket_bytes = int(bucket_mb * 2**20)
+        self.tail_bytes = min(self.bucket_bytes, int(tail_bucket_mb * 2**20))
         self.overlap = overlap
         self.buckets: list[torch.Tensor] = []
         self._param_buckets: list[list[int]] = []  # the buckets each parameter's view overlaps
@@ -113,18 +119,23 @@ class FlatGrads:
             self._views.append(buf.as_strided(p.shape, p.stride(), buf.storage_offset() + off))
 
     def _bucket_layout(self) -> None:
-        """Split every buffer into buckets of about `bucket_bytes` and note which buckets each view overlaps."""
+        """Split every buffer into a `tail_bytes` bucket, then buckets of `bucket_bytes`, and note which buckets
+        each view overlaps."""
         first: dict[tuple, int] = {}
-        per_bucket: dict[tuple, int] = {}
+        starts: dict[tuple, list[int]] = {}  # element offset where each bucket of a buffer begins
         for key, buf in self.buffers.items():
-            first[key], per_bucket[key] = len(self.buckets), max(1, self.bucket_bytes // buf.element_size())
-            self.buckets.extend(buf.split(per_bucket[key]))
+            size = max(1, self.bucket_bytes // buf.element_size())
+            begin = [0] + list(range(max(1, self.tail_bytes // buf.element_size()), buf.numel(), size))
+            first[key], starts[key] = len(self.buckets), begin
+            self.buckets.extend(buf.split([b - a for a, b in zip(begin, begin[1:] + [buf.numel()])]))
         for p, off in zip(self.params, self._offsets):
-            key, n = (p.device, p.dtype), per_bucket[(p.device, p.dtype)]
+            key = (p.device, p.dtype)
             if p.numel() == 0:  # writes nothing: holds up no bucket
                 self._param_buckets.append([])
                 continue
-            self._param_buckets.append(list(range(first[key] + off // n, first[key] + (off + p.numel() - 1) // n + 1)))
+            lo = bisect.bisect_right(starts[key], off) - 1
+            hi = bisect.bisect_right(starts[key], off + p.numel() - 1) - 1
+            self._param_buckets.append(list(range(first[key] + lo, first[key] + hi + 1)))
 
     def attach(self) -> None:
         """Point every parameter's `.grad` at its view again (after something set it to None or replaced it)."""

@@ -2,6 +2,7 @@
 with 2 CPU processes over gloo."""
 import copy
 import socket
+import time
 
 import pytest
 import torch
@@ -151,6 +152,26 @@ def test_buckets_cover_each_buffer_exactly():
     assert sum(b.numel() for b in grads.buckets) == grads.numel()
     one = FlatGrads(Net().parameters())  # default 25 MB: one bucket per buffer
     assert len(one.buckets) == len(one.buffers)
+
+
+def test_the_first_layers_get_a_small_bucket_of_their_own():
+    """The buffer's first bucket (the first layers: written last by a backward, all-reduced last) is the small
+    tail bucket; each parameter is mapped to exactly the buckets its view overlaps."""
+    model = Net()
+    grads = FlatGrads(model.parameters(), bucket_mb=4 * TINY_BUCKET_MB, tail_bucket_mb=TINY_BUCKET_MB / 4)
+    for buf in grads.buffers.values():  # 256-byte tail bucket at the start of each buffer, then 4 KiB ones
+        end = buf.data_ptr() + buf.numel() * buf.element_size()
+        own = [b for b in grads.buckets if buf.data_ptr() <= b.data_ptr() < end]
+        assert own[0].data_ptr() == buf.data_ptr() and own[0].numel() == min(buf.numel(), 256 // buf.element_size())
+        assert all(b.numel() * b.element_size() <= 4096 for b in own)
+    assert len(grads.buckets) == 3  # fp32: 64 + 544 elements; fp64: 8
+    assert sum(b.numel() for b in grads.buckets) == grads.numel()
+    for p, view, buckets in zip(grads.params, grads._views, grads._param_buckets, strict=True):
+        lo = view.data_ptr()
+        hi = lo + p.numel() * p.element_size()
+        overlapping = [i for i, b in enumerate(grads.buckets) if b.data_ptr() < hi
+                       and lo < b.data_ptr() + b.numel() * b.element_size()]
+        assert buckets == overlapping
 
 
 def test_without_process_group_sync_is_a_no_op():
@@ -325,7 +346,8 @@ def _nccl_graph_worker(rank, world, port, out_dir):
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         grads.zero_()
-        with torch.cuda.graph(graph):
+        # thread_local, as the trainer captures: NCCL's watchdog thread queries events during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             with grads.reduce_during_backward():
                 _loss(model, static_x).backward()
         rows = []
@@ -350,7 +372,14 @@ def test_captured_overlapped_all_reduce_averages_like_an_all_reduce_after_the_ba
     the backward; the result must be the gradient averaged over both GPUs, equal on both, at every replay."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    mp.start_processes(_nccl_graph_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    ctx = mp.start_processes(_nccl_graph_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + 180  # a captured collective has no NCCL timeout: a failed rank hangs its peer
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the 2-GPU capture test did not finish in 180 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rows in ranks:
         for row in rows:

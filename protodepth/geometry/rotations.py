@@ -51,7 +51,8 @@ def euler_angles_to_matrix(euler_angles: torch.Tensor, convention: str) -> torch
     nsin = -sin
     one = torch.ones_like(euler_angles[..., 0])
     zero = torch.zeros_like(one)
-    mats = [_axis_rotation(c, cos[..., i], sin[..., i], nsin[..., i], one, zero) for i, c in enumerate(convention)]
+    parts = zip(convention, cos.unbind(-1), sin.unbind(-1), nsin.unbind(-1))  # unbind: one backward kernel each
+    mats = [_axis_rotation(axis, c, s, ns, one, zero) for axis, c, s, ns in parts]
     return torch.matmul(torch.matmul(mats[0], mats[1]), mats[2])
 
 

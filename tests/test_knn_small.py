@@ -68,6 +68,17 @@ _INTERP_SCRIPT = textwrap.dedent(
         rd, ri = dense_knn_reference(q, c, torch.tensor([9]), torch.tensor([40]), K)
         out[f"ties/K{K}"] = dict(cfg_splits=3, cfg_rows=True, idx_equal=bool(torch.equal(i, ri)),
                                  max_abs=float((d.double() - rd).abs().max()), rel1=0.0, rel2=0.0)
+    # grad_p2 converted by the last accumulating program (small) or by its own launch (large, forced here)
+    for finish_max in (1 << 16, 0):
+        kt._FINISH_IN_KERNEL_MAX = finish_max
+        p1 = torch.randn(2, 37, 3); p2 = 0.3 * torch.randn(2, 11, 3)
+        a = p1.clone().requires_grad_(); b = p2.clone().requires_grad_()
+        d, i = kt.knn_points_triton(a, b, l1[:2], torch.tensor([11, 4]), K=3)
+        w = torch.linspace(-1, 2, d.numel()).reshape(d.shape)
+        (d * w).sum().backward()
+        r1, r2 = reference_grads(p1, p2, l1[:2], torch.tensor([11, 4]), i, w)
+        out[f"finish/{finish_max}"] = dict(rel1=float((a.grad.double() - r1).norm() / r1.norm()),
+                                           rel2=float((b.grad.double() - r2).norm() / r2.norm()))
     print("JSON" + json.dumps(out))
     """
 )
@@ -87,14 +98,21 @@ def interp_small():
 
 def test_interpreter_one_launch_forward_with_split_candidates_matches_reference(interp_small):
     # splits merged in the search kernel (tickets), candidates read in place or from the copy, padding, K=1..8
-    assert len(interp_small) == 14
-    for name, r in interp_small.items():
+    rows = {k: v for k, v in interp_small.items() if not k.startswith("finish")}
+    assert len(rows) == 14
+    for name, r in rows.items():
         assert r["idx_equal"], name
         assert r["max_abs"] < 1e-5, (name, r)
         if "ties" not in name:
             assert r["rel1"] < 1e-5 and r["rel2"] < 1e-5, (name, r)
             assert r["cfg_rows"] == name.endswith("rows1"), name
             assert r["cfg_splits"] == int(name.split("/S")[1][0]), name
+
+
+def test_interpreter_grad_p2_finished_in_the_accumulating_launch_or_its_own_matches_autograd(interp_small):
+    for name in ("finish/65536", "finish/0"):
+        r = interp_small[name]
+        assert r["rel1"] < 1e-5 and r["rel2"] < 1e-5, (name, r)
 
 
 def test_small_problem_config_reads_candidates_in_place_and_is_cached():
@@ -155,6 +173,7 @@ class _FakeJit:
 def test_fast_launch_goes_through_the_compiled_kernel_after_the_first_call(monkeypatch):
     monkeypatch.setattr(_triton_launch, "_enabled", [True])
     monkeypatch.setattr(_triton_launch, "_compiled", {})
+    monkeypatch.setattr(_triton_launch, "_current_device", lambda: 0)
     fn = _FakeJit()
     x = torch.zeros(4)
     for n in (5, 5, 6):
@@ -163,6 +182,10 @@ def test_fast_launch_goes_through_the_compiled_kernel_after_the_first_call(monke
     kinds = [e[0] for e in fn.log]
     # 5 and 6 differ in nothing Triton specialises on (neither is 1 or a multiple of 16): one compile
     assert kinds == ["jit", "compiled", "compiled"]
+    # another current device: its own compiled kernel (a loaded kernel belongs to one device)
+    monkeypatch.setattr(_triton_launch, "_current_device", lambda: 1)
+    _triton_launch.launch(fn, (2, 1, 1), (x, 6), dict(A=3, num_warps=1), (_triton_launch.arg_key((x, 6)), 3))
+    assert fn.log[-1][0] == "jit"
     # every parameter in signature order, compile-time values (and defaults) after the runtime ones
     assert fn.log[2][2] == (x, 6, 3, 7)
 
@@ -180,6 +203,7 @@ def test_fast_launch_key_separates_what_triton_specialises_on():
 def test_fast_launch_falls_back_to_the_ordinary_path_when_the_launcher_refuses(monkeypatch):
     monkeypatch.setattr(_triton_launch, "_enabled", [True])
     monkeypatch.setattr(_triton_launch, "_compiled", {})
+    monkeypatch.setattr(_triton_launch, "_current_device", lambda: 0)
     fn = _FakeJit(refuse=True)
     for _ in range(3):
         _triton_launch.launch(fn, (1, 1, 1), (3,), dict(A=1), ("k",))

@@ -22,6 +22,7 @@ import torch
 _enabled = [os.environ.get("PROTODEPTH_TRITON_FAST_LAUNCH", "1") != "0" and
             os.environ.get("TRITON_INTERPRET", "0") != "1"]
 _compiled: dict = {}
+_current_device = torch.cuda.current_device
 _I32 = 1 << 31
 
 
@@ -58,6 +59,8 @@ def launch(fn, grid: tuple, args: tuple, meta: dict, key: tuple) -> None:
     """fn[grid](*args, **meta) with grid a 3-tuple; `key` must determine meta and arg_key(args) (callers pass
     arg_key(args) plus the compile-time values, or less where fn is declared not to specialise)."""
     if _enabled[0]:
+        # a compiled kernel is loaded on one device: the current one, which is where Triton launches
+        key = (_current_device(), key)
         hit = _compiled.get((fn, key))
         if hit is not None:
             try:

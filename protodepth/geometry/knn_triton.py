@@ -13,8 +13,14 @@ Backward (no float atomics, bit-identical across runs, only the gradients autogr
 - grad_p1[n, i] = sum_k g[n, i, k] * dD/dp1: one kernel gathers each query's K neighbours and sums in fixed order.
 - grad_p2[n, j] = -sum over every (i, k) that chose j: each contribution becomes a 64-bit fixed-point integer (a
   power-of-two scale from the largest contribution, found first) and is added with integer atomics, whose sum does
-  not depend on the order of arrival; a last pass converts back. Four launches whatever the imbalance between
-  candidates (a sort-based CSR of the chosen pairs, the previous version, took ~25 launches and 0.6-1.2 ms).
+  not depend on the order of arrival; a last pass converts back (inside the accumulation launch when grad_p2 is
+  small). A zeroing and 2-3 launches whatever the imbalance between candidates (a sort-based CSR of the chosen pairs,
+  an earlier version, took ~25 launches and 0.6-1.2 ms).
+
+Small problems (issue 17): eager calls are bound by host time, not by the GPU, so the brute-force search of a small
+problem is one launch (candidates read in place; when the candidates are split over several programs to fill the GPU,
+the last program of each query tile merges the splits, found by a ticket counter), and every launch after the first
+of its specialisation skips Triton's per-call argument binding (`_triton_launch`).
 
 Padding follows PyTorch3D: queries i >= lengths1[n] get dists 0 and idx 0; slots k >= lengths2[n] (K larger than
 the candidate cloud) get dists 0 and idx 0 after the valid, ascending neighbours.
@@ -574,10 +580,11 @@ if triton is not None:
 
     @triton.jit
     def _knn_bwd_kernel(
-        p1_ptr, p2_ptr, len1_ptr, len2_ptr, idx_ptr, g_ptr, gp1_ptr, acc_ptr,
-        P1, P2, K, GS0, GS1, GS2, STAT, BAD, NE,
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, idx_ptr, g_ptr, gp1_ptr, acc_ptr, gp2_ptr,
+        P1, P2, K, GS0, GS1, GS2, STAT, BAD, NE, ND,
         D: tl.constexpr, DP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
         PHASE: tl.constexpr, WANT_P1: tl.constexpr, WANT_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
+        FINISH: tl.constexpr = False, FBLOCK: tl.constexpr = 1024,
     ):
         """Backward over BLOCK_Q queries of cloud n and their K chosen candidates.
 
@@ -589,6 +596,8 @@ if triton is not None:
         PHASE 1: each finite c as a 64-bit fixed-point integer (scale from acc[STAT], a power of two) added into
             acc[(n * P2 + j) * D + d] with integer atomics; a non-finite c marks acc[BAD + n * P2 + j].
         Integer sums do not depend on the order of the additions, so grad_p2 is bit-identical across runs.
+        FINISH (PHASE 1, small N*P2*D = ND): the program that takes the last ticket (acc[STAT + 1], after its own
+        additions) converts all of grad_p2 (N, P2, D) itself, which saves the launch of _knn_grad_p2_finish_kernel.
         """
         pid = tl.program_id(0)
         n = tl.program_id(1)
@@ -630,6 +639,15 @@ if triton is not None:
                 tl.atomic_add(acc_ptr + (n64 * P2 + j[:, None]) * D + dd[None, :], v, mask=m2 & finite & (v != 0))
                 bad = tl.max(tl.where(finite, 0, 1), 1)  # c is 0 (finite) outside m2
                 tl.atomic_max(acc_ptr + BAD + n64 * P2 + j, bad.to(tl.int64), mask=valid & (bad > 0))
+        if PHASE == 1:
+            if FINISH:
+                # the usual "last block" pattern: every thread's atomics are issued before the ticket is taken
+                tl.debug_barrier()
+                total = tl.num_programs(0) * tl.num_programs(1)
+                ticket = tl.atomic_add(acc_ptr + STAT + 1, 1, sem="acq_rel", scope="gpu")
+                if ticket == total - 1:
+                    for r0 in range(0, ND, FBLOCK):
+                        _grad_p2_finish_block(acc_ptr, gp2_ptr, r0, ND, STAT, BAD, NE, D, F64, FBLOCK)
         if PHASE == 0:
             if WANT_P1:
                 tl.store(gp1_ptr + (n64 * P1 + q[:, None]) * D + dd[None, :], acc1.to(gp1_ptr.dtype.element_ty),
@@ -647,11 +665,19 @@ if triton is not None:
                                    D: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
         """grad_p2 (N*P2*D,) = -(fixed-point sums) / scale in the output dtype; NaN where a contribution was not
         finite. Exact: int64 -> float64 and the power-of-two division round at most once before the output cast."""
-        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        _grad_p2_finish_block(acc_ptr, out_ptr, tl.program_id(0).to(tl.int64) * BLOCK, ND, STAT, BAD, NE, D, F64,
+                              BLOCK)
+
+    @triton.jit
+    def _grad_p2_finish_block(acc_ptr, out_ptr, r0, ND, STAT, BAD, NE,
+                              D: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        """Elements [r0, r0 + BLOCK) of grad_p2 from the fixed-point sums (loads bypass L1: the sums may have been
+        added by other programs of the same launch)."""
+        r = r0 + tl.arange(0, BLOCK)
         rm = r < ND
         scale, inv = _fixed_point_scale(acc_ptr, STAT, NE, F64)
-        v = tl.load(acc_ptr + r, mask=rm, other=0)
-        bad = tl.load(acc_ptr + BAD + r // D, mask=rm, other=0)
+        v = tl.load(acc_ptr + r, mask=rm, other=0, cache_modifier=".cg")
+        bad = tl.load(acc_ptr + BAD + r // D, mask=rm, other=0, cache_modifier=".cg")
         x = -(v.to(tl.float64) * inv)
         x = tl.where(bad != 0, float("nan"), x)
         if not F64:
@@ -664,6 +690,8 @@ if triton is not None:
 _MAX_SORT_TILES = 4096
 # brute-force problems below this many pairs (~60 us of search on an H100) read p2 in place instead of a copy
 _ROWS_MAX_PAIRS = 1 << 27
+# grad_p2 of at most this many elements is converted inside the accumulation launch (by its last program)
+_FINISH_IN_KERNEL_MAX = 1 << 16
 
 
 def _run(fn, grid: tuple, *args, **meta) -> None:
@@ -956,20 +984,24 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
     grad_p1 = torch.empty_like(a) if want_p1 else None
     nd = N * P2 * D
     stat, bad = nd + N * P2, nd
-    # accumulator: N*P2*D fixed-point sums, N*P2 non-finite flags, the max |contribution| bits
-    acc = torch.zeros(nd + N * P2 + 1 if want_p2 else 1, dtype=torch.int64, device=dev)
+    # accumulator: N*P2*D fixed-point sums, N*P2 non-finite flags, the max |contribution| bits, the finish ticket
+    acc = torch.zeros(nd + N * P2 + 2 if want_p2 else 1, dtype=torch.int64, device=dev)
     ne = float(N * P1 * K)
+    blk = 256 if interp else 1024
+    # small grad_p2: converted by the last program of the accumulation (a few us of one program's time) instead
+    # of a third launch (~30-80 us of host time on eager calls)
+    finish = nd <= _FINISH_IN_KERNEL_MAX
     common = dict(D=D, DP=dp, NORM=norm, ACC=_acc_dtype(p1.dtype), F64=f64, WANT_P1=want_p1, WANT_P2=want_p2,
-                  BLOCK_Q=bq, num_warps=4)
-    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc,
-                          P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, PHASE=0, **common)
+                  BLOCK_Q=bq, FINISH=finish, FBLOCK=blk, num_warps=4)
+    grad_p2 = torch.empty_like(b) if want_p2 else a
+    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc, a,
+         P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=0, **common)
     if not want_p2:
         return grad_p1, None
-    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, a, acc,
-                          P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, PHASE=1, **common)
-    grad_p2 = torch.empty_like(b)
-    blk = 256 if interp else 1024
-    _run(_knn_grad_p2_finish_kernel, (_cdiv(nd, blk),), acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
+    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, a, acc, grad_p2,
+         P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=1, **common)
+    if not finish:
+        _run(_knn_grad_p2_finish_kernel, (_cdiv(nd, blk),), acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
     return grad_p1, grad_p2
 
 

@@ -156,12 +156,13 @@ class ProtoDepth(nn.Module):
         if self.cfg.head_input_scale != 1.0:
             feat = feat * self.cfg.head_input_scale
         out = self.head(feat).float()  # the head's small outputs are squashed below: keep them in fp32
-        scale_raw = out[:, :K]  # (B, K)
-        per = out[:, K:].view(B, K, P, 7)
+        # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled copy plus an add
+        scale_raw, per = out.split([K, K * P * 7], dim=1)  # (B, K), (B, K*P*7)
+        trans_raw, euler_raw, weight_raw = per.view(B, K, P, 7).split([3, 3, 1], dim=-1)
         scale = self.cfg.scale_max * F.softplus(scale_raw)
-        trans = self.cfg.trans_max * torch.tanh(per[..., 0:3])
-        euler = math.pi * torch.tanh(per[..., 3:6])
-        weights = torch.softmax(per[..., 6], dim=-1)
+        trans = self.cfg.trans_max * torch.tanh(trans_raw)
+        euler = math.pi * torch.tanh(euler_raw)
+        weights = torch.softmax(weight_raw.squeeze(-1), dim=-1)
         return SlotParams(scale, trans, euler, weights)
 
 

@@ -149,22 +149,39 @@ class PrototypeTerms:
     def join(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
         """({edge, normal, laplacian} each (), their weighted summands of the total), safe to use on the
         current stream."""
-        if self._stream is not None:
-            current = torch.cuda.current_stream(self._stream.device)
-            current.wait_stream(self._stream)
-            for t in (*self._terms.values(), *self._weighted):
-                t.record_stream(current)  # made on the side stream, read (and freed) on this one
-            self._stream = None
+        _join(self._stream, (*self._terms.values(), *self._weighted))
+        self._stream = None
         return self._terms, self._weighted
 
 
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+_SIDE_STREAMS: dict[tuple, "torch.cuda.Stream"] = {}
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
+def _fork(device: torch.device, name: str, reads: tuple[torch.Tensor, ...]) -> "torch.cuda.Stream | None":
+    """A side stream (one per device and name) that has waited for the current stream's work so far, for work
+    that does not depend on what the current stream does next; None on the CPU and under torch.compile (run
+    inline). `reads`: tensors made on the current stream that the side work reads (kept from reuse until it has)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    if (device, name) not in _SIDE_STREAMS:
+        _SIDE_STREAMS[(device, name)] = torch.cuda.Stream(device=device)
+    side = _SIDE_STREAMS[(device, name)]
+    side.wait_stream(torch.cuda.current_stream(device))
+    for t in reads:
+        t.record_stream(side)
+    return side
+
+
+def _join(side: "torch.cuda.Stream | None", made: tuple[torch.Tensor, ...]) -> None:
+    """The current stream waits for `side`'s work; `made` (tensors made there, read here) are kept from reuse
+    until the current stream's work has read them. Fork and join are stream waits, which a CUDA-graph capture
+    records as graph edges; autograd runs each op's backward on the stream of its forward."""
+    if side is None:
+        return
+    current = torch.cuda.current_stream(side.device)
+    current.wait_stream(side)
+    for t in made:
+        t.record_stream(current)
 
 
 def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConfig) -> PrototypeTerms:
@@ -172,15 +189,12 @@ def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: Lo
 
     They do not depend on the image, so on CUDA they run on a side stream, concurrently with the backbone's
     forward (and, since autograd runs an op's backward on the stream of its forward, their backward beside
-    the backbone's backward): a few hundred small kernels off the step's critical path. Fork and join are
-    stream waits, which a CUDA-graph capture records as graph edges. On the CPU, and while torch.compile
-    traces, they are computed here, inline. The same ops run either way: the values are identical.
+    the backbone's backward): a few hundred small kernels off the step's critical path. On the CPU, and while
+    torch.compile traces, they are computed here, inline. The same ops run either way: the values are identical.
     """
-    device = prototypes.device
-    if device.type != "cuda" or torch.compiler.is_compiling():
+    side = _fork(prototypes.device, "prototypes", (prototypes,))
+    if side is None:
         return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, None)
-    side = _side_stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.autocast(device_type="cuda", enabled=False):
         return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, side)
 

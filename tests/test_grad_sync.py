@@ -234,6 +234,19 @@ def _overlap_worker(rank, world, port, out_dir):
                                "ddp": [torch.zeros_like(p) if p.grad is None else p.grad.clone()
                                        for p in ddp.module.parameters()],
                                "starts": list(starts), "inside": inside}
+        # gradient accumulation: a first micro-batch's backward outside the block (DDP: no_sync), the window's
+        # last one inside it: the average is of the accumulated sums
+        ddp.zero_grad(set_to_none=False)
+        grads.zero_()
+        with ddp.no_sync():
+            _loss(ddp, _batch(rank, 5)).backward()
+        _loss(ddp, _batch(rank, 6)).backward()
+        _loss(model, _batch(rank, 5)).backward()
+        with grads.reduce_during_backward():
+            _loss(model, _batch(rank, 6)).backward()
+        results["accumulated"] = {"ours": [p.grad.clone() for p in model.parameters()],
+                                  "ddp": [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                          for p in ddp.module.parameters()]}
         dist.all_reduce = real_all_reduce
         results.update(buckets=[b.data_ptr() for b in grads.buckets], params=len(grads.params))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -248,9 +261,9 @@ def overlapped(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-def test_averaging_during_the_backward_gives_ddp_gradients(overlapped):
+def test_averaging_during_the_backward_gives_ddp_gradients_also_after_accumulation(overlapped):
     for r in overlapped:
-        for window in (0, 1):
+        for window in (0, 1, "accumulated"):
             for ours, ddp in zip(r[window]["ours"], r[window]["ddp"], strict=True):
                 torch.testing.assert_close(ours, ddp, atol=1e-6, rtol=1e-6)
     for a, b in zip(overlapped[0][1]["ours"], overlapped[1][1]["ours"], strict=True):

@@ -76,10 +76,17 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 def _constant(kind: str, n: int, device: torch.device) -> torch.Tensor:
     """Index-only tensors made once per (kind, n, device) rather than by a kernel every step: "off_diag" (n, n)
     bool, ~eye; "arange" (n,) int64. Never evicted: a captured CUDA graph reads them by address (few shapes)."""
+    def make():
+        if kind == "off_diag":
+            return ~torch.eye(n, dtype=torch.bool, device=device)
+        return torch.arange(n, device=device)
+
+    if torch.compiler.is_compiling():  # traced code makes its own (no global state in the graph)
+        return make()
     key = (kind, n, device)
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = (~torch.eye(n, dtype=torch.bool, device=device) if kind == "off_diag"
-                           else torch.arange(n, device=device))
+        with torch.inference_mode(False):  # a normal tensor even if first made under inference_mode
+            _CONSTANTS[key] = make()
     return _CONSTANTS[key]
 
 

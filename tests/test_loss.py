@@ -113,3 +113,15 @@ def test_sampling_level_sets_samples_per_slot_and_target_subset():
     assert t4.shape[1] == 4
     ref = proto_depth_loss(slot_verts, protos, faces, t4, l4, cfg, SamplingLevel(7, None), generator=g)
     assert torch.equal(sub.total, ref.total)
+
+
+def test_loss_keeps_its_gradient_after_a_first_call_under_inference_mode():
+    """The loss caches small index tensors (repulsion's mask, the target arange) on first use; one first made
+    under inference_mode must still serve a later differentiable call."""
+    from protodepth.loss import repulsion
+
+    with torch.inference_mode():
+        repulsion(torch.randn(2, 7, 3), 1.0, 2.0)
+    centroids = torch.randn(2, 7, 3, requires_grad=True)
+    repulsion(centroids, 1.0, 2.0).sum().backward()
+    assert centroids.grad is not None and torch.isfinite(centroids.grad).all()

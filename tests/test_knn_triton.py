@@ -88,13 +88,15 @@ _INTERP_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     out = {}
     t0 = time.time()
-    l1 = torch.tensor([37, 20]); l2 = torch.tensor([53, 4])
+    # the interpreter runs 16 x 16 tiles: 21 queries are 2 query tiles (the second partial), 35 candidates 3
+    # candidate tiles (splits=3 gives 3 splits); small, since the interpreter's time grows with the tile pairs
+    l1 = torch.tensor([21, 12]); l2 = torch.tensor([35, 4])
     for dtype in (torch.float32, torch.bfloat16):
         for D in ((2, 3) if dtype == torch.float32 else (3,)):
             for K in ((1, 3, 5) if D == 3 else (1, 3)):
                 modes = ("sorted", 1, 3) if (dtype == torch.float32 and D == 3) else ("sorted", 3)
                 for mode in modes:
-                    p1 = torch.randn(2, 37, D).to(dtype); p2 = torch.randn(2, 53, D).to(dtype)
+                    p1 = torch.randn(2, 21, D).to(dtype); p2 = torch.randn(2, 35, D).to(dtype)
                     if mode == "sorted":
                         d, i = knn_points_triton(p1, p2, l1, l2, K=K, spatial_sort=True)
                     else:
@@ -128,8 +130,8 @@ _INTERP_SCRIPT = textwrap.dedent(
                                           max_abs=float((d.double() - rd).abs().max()), max_rel=0.0)
     # clustered clouds far from the origin, many candidate tiles: the pruned walk must still be exact
     base = torch.randn(1, 1, 3) * 100.0
-    p1 = base + 0.01 * torch.rand(2, 50, 3); p2 = base + 0.01 * torch.rand(2, 200, 3)
-    b1 = torch.tensor([50, 37]); b2 = torch.tensor([200, 141])
+    p1 = base + 0.01 * torch.rand(2, 30, 3); p2 = base + 0.01 * torch.rand(2, 120, 3)
+    b1 = torch.tensor([30, 23]); b2 = torch.tensor([120, 85])
     for K in (1, 3):
         d, i = knn_points_triton(p1, p2, b1, b2, K=K, spatial_sort=True)
         rd, ri = dense_knn_reference(p1, p2, b1, b2, K)
@@ -137,17 +139,18 @@ _INTERP_SCRIPT = textwrap.dedent(
                                    max_abs=float((d.double() - rd).abs().max()),
                                    max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-12)).max()))
     # one far outlier stretches the joint box: every other point falls into one Morton cell, in arbitrary order
-    p1 = 0.01 * torch.randn(2, 45, 3); p2 = 0.01 * torch.randn(2, 90, 3); p2[:, 7] = 1e4
+    p1 = 0.01 * torch.randn(2, 24, 3); p2 = 0.01 * torch.randn(2, 60, 3); p2[:, 7] = 1e4
     for K in (1, 3):
-        d, i = knn_points_triton(p1, p2, torch.tensor([45, 30]), torch.tensor([90, 77]), K=K, spatial_sort=True)
-        rd, ri = dense_knn_reference(p1, p2, torch.tensor([45, 30]), torch.tensor([90, 77]), K)
+        d, i = knn_points_triton(p1, p2, torch.tensor([24, 17]), torch.tensor([60, 51]), K=K, spatial_sort=True)
+        rd, ri = dense_knn_reference(p1, p2, torch.tensor([24, 17]), torch.tensor([60, 51]), K)
         out[f"pad/onecell/K{K}"] = dict(dtype=str(d.dtype), idx_equal=bool((i == ri).all()),
                                        max_abs=float((d.double() - rd).abs().max()),
                                        max_rel=float(((d.double() - rd).abs() / rd.clamp_min(1e-12)).max()))
     # float64 (tile bounds rounded down to fp32 for the in-register sort) and rows longer than that sort takes
     # (torch.sort of the bounds instead): both exact
     import protodepth.geometry.knn_triton as kt
-    p1 = torch.randn(2, 40, 3, dtype=torch.float64); p2 = torch.randn(2, 150, 3, dtype=torch.float64)
+    # (lengths [20, 13] and [70, 35]: 5 candidate tiles, more than the 4 that longrows allows the in-register sort)
+    p1 = torch.randn(2, 24, 3, dtype=torch.float64); p2 = torch.randn(2, 80, 3, dtype=torch.float64)
     for name, limit in (("f64/sorted", kt._MAX_SORT_TILES), ("f64/longrows", 4)):
         kt._MAX_SORT_TILES, saved = limit, kt._MAX_SORT_TILES
         d, i = knn_points_triton(p1, p2, b1 - 10, b2 - 50, K=3, spatial_sort=True)
@@ -157,7 +160,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     # backward against autograd of the chosen pairs, float32 and bf16, twice for determinism
     for dtype, norm, K in ((torch.float32, 2, 1), (torch.float32, 2, 3), (torch.float32, 1, 5), (torch.bfloat16, 2, 3)):
         if True:
-            p1 = torch.randn(2, 37, 3).to(dtype); p2 = (0.3 * torch.randn(2, 11, 3)).to(dtype)
+            p1 = torch.randn(2, 21, 3).to(dtype); p2 = (0.3 * torch.randn(2, 11, 3)).to(dtype)
             grads = []
             for _ in range(2):
                 a = p1.clone().requires_grad_(); b = p2.clone().requires_grad_()
@@ -172,7 +175,7 @@ _INTERP_SCRIPT = textwrap.dedent(
                 rel1=float((g1.double() - r1).norm() / r1.norm()), rel2=float((g2.double() - r2).norm() / r2.norm()),
                 identical=bool(torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])))
     # only the gradients autograd asks for: one cloud without requires_grad gets None and the other is unchanged
-    p1 = torch.randn(2, 37, 3); p2 = 0.3 * torch.randn(2, 11, 3); l2b = torch.tensor([11, 4])
+    p1 = torch.randn(2, 21, 3); p2 = 0.3 * torch.randn(2, 11, 3); l2b = torch.tensor([11, 4])
     for which in ("p1", "p2"):
         a = p1.clone().requires_grad_(which == "p1"); b = p2.clone().requires_grad_(which == "p2")
         d, i = knn_points_triton(a, b, l1, l2b, K=2, splits=2, spatial_sort=False)
@@ -195,7 +198,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     # the CUDA kernels of the protodepth::knn_points custom op (what torch.compile runs on a GPU), here on CPU
     # tensors, against the op's CPU kernel
     from protodepth.geometry import custom_ops as co
-    p1 = torch.randn(2, 37, 3); p2 = torch.randn(2, 53, 3)
+    p1 = torch.randn(2, 21, 3); p2 = torch.randn(2, 35, 3)
     d, i = co._knn_points_cuda(p1, p2, l1, l2, 3, 2)
     rd, ri = torch.ops.protodepth.knn_points(p1, p2, l1, l2, 3, 2)
     w = torch.linspace(-1, 2, d.numel()).reshape(d.shape)

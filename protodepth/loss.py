@@ -122,7 +122,7 @@ def hybrid_chamfer(
     g_img = (g.mean(-1) * valid).sum(1) / lengths.clamp_min(1).to(g.dtype)  # (B,)
 
     # per slot: every predicted sample -> nearest target point; mean over samples, then over slots
-    s = knn_points(pred_flat, target, lengths2=lengths, K=1).dists[..., 0]  # (B, K*S)
+    s = knn_points(pred_flat, target, lengths2=lengths, K=1).dists.squeeze(-1)  # (B, K*S); a view in backward too
     s_img = s.view(B, K, S).mean(dim=(1, 2))  # (B,)
 
     r_img = repulsion(slot_verts.mean(dim=2), cfg.repulsion_min_distance, cfg.repulsion_sharpness)  # (B,)

@@ -207,8 +207,9 @@ def mesh_edge_loss(verts: torch.Tensor, faces: torch.Tensor, target_length: floa
 
 def _edge_loss(verts: torch.Tensor, faces: torch.Tensor, target_length: float) -> torch.Tensor:
     v, topo = _prepare(verts, faces)
-    ends = v.index_select(1, topo.edge_corners).view(v.shape[0], -1, 2, 3)  # (R, E, 2, 3)
-    lengths = (ends[:, :, 0] - ends[:, :, 1]).norm(dim=-1, p=2)  # (R, E)
+    # unbind, not indexing: its backward is one stack, that of each index a zero-filled copy plus an add
+    a, b = v.index_select(1, topo.edge_corners).view(v.shape[0], -1, 2, 3).unbind(2)  # (R, E, 3) each
+    lengths = (a - b).norm(dim=-1, p=2)  # (R, E)
     loss = (lengths - target_length) ** 2
     return _per_mesh_mean(loss, topo.edge_weight, verts.shape[0])
 
@@ -230,14 +231,14 @@ def _normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tenso
     if topo.nc_pairs.shape[0] == 0:
         return verts.sum() * 0.0  # no shared edge anywhere: zero that still has a graph
     r = v.shape[0]
-    c = v.index_select(1, topo.nc_corners).view(r, -1, 5, 3)  # (R, 3F, 5, 3): edge ends, face vertices
-    v0 = c[:, :, 0]
-    d = c[:, :, 1] - v0
+    # (R, 3F, 3) each: the edge's ends, the face's vertices (unbind: one stack in backward)
+    v0, v1, w0, w1, w2 = v.index_select(1, topo.nc_corners).view(r, -1, 5, 3).unbind(2)
+    d = v1 - v0
     # the two edge vertices contribute exactly zero; kept to mirror PyTorch3D's arithmetic
-    n = (torch.linalg.cross(d, c[:, :, 2] - v0, dim=-1) + torch.linalg.cross(d, c[:, :, 3] - v0, dim=-1)
-         + torch.linalg.cross(d, c[:, :, 4] - v0, dim=-1))
-    pairs = n.index_select(1, topo.nc_pairs_flat).view(r, -1, 2, 3)  # (R, Q, 2, 3)
-    loss = 1 - F.cosine_similarity(pairs[:, :, 0], -pairs[:, :, 1], dim=-1)  # (R, Q)
+    n = (torch.linalg.cross(d, w0 - v0, dim=-1) + torch.linalg.cross(d, w1 - v0, dim=-1)
+         + torch.linalg.cross(d, w2 - v0, dim=-1))
+    n0, n1 = n.index_select(1, topo.nc_pairs_flat).view(r, -1, 2, 3).unbind(2)  # (R, Q, 3) each
+    loss = 1 - F.cosine_similarity(n0, -n1, dim=-1)  # (R, Q)
     return _per_mesh_mean(loss, topo.nc_weight, verts.shape[0])
 
 

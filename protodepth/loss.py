@@ -5,6 +5,7 @@ distances of points hundreds of metres away, summed over 10^4 points, lose every
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -108,6 +109,11 @@ def hybrid_chamfer(
     """
     B, K, V, _ = slot_verts.shape
     S = samples_per_slot
+    # the repulsion reads only the slots: on CUDA it runs on a side stream beside the sampling and the searches
+    side = _fork(slot_verts.device, "repulsion", (slot_verts,))
+    with _on(side):
+        r_img = repulsion(slot_verts.mean(dim=2), cfg.repulsion_min_distance, cfg.repulsion_sharpness)  # (B,)
+        r_part, r_mean = cfg.w_repulsion * r_img, r_img.mean()
     flat_verts = slot_verts.reshape(B * K, V, 3)
     if draws is None:
         pred = sample_points_from_meshes(flat_verts, faces, S, generator=generator)
@@ -116,20 +122,25 @@ def hybrid_chamfer(
     pred = pred.view(B, K, S, 3)
     pred_flat = pred.reshape(B, K * S, 3)
 
+    # per slot: every predicted sample -> nearest target point; mean over samples, then over slots
+    s = knn_points(pred_flat, target, lengths2=lengths, K=1).dists.squeeze(-1)  # (B, K*S); a view in backward too
+    s_img = s.view(B, K, S).mean(dim=(1, 2))  # (B,)
+    s_part, s_mean = cfg.w_slot * s_img, s_img.mean()
+
     # global: every target point -> its k nearest predicted points (any slot)
     g = knn_points(target, pred_flat, lengths1=lengths, K=cfg.k_nearest).dists  # (B, N, k)
     valid = _constant("arange", target.shape[1], target.device)[None, :] < lengths[:, None]  # (B, N)
     g_img = (g.mean(-1) * valid).sum(1) / lengths.clamp_min(1).to(g.dtype)  # (B,)
 
-    # per slot: every predicted sample -> nearest target point; mean over samples, then over slots
-    s = knn_points(pred_flat, target, lengths2=lengths, K=1).dists.squeeze(-1)  # (B, K*S); a view in backward too
-    s_img = s.view(B, K, S).mean(dim=(1, 2))  # (B,)
-
-    r_img = repulsion(slot_verts.mean(dim=2), cfg.repulsion_min_distance, cfg.repulsion_sharpness)  # (B,)
-
-    per_img = cfg.w_global * g_img + cfg.w_slot * s_img + cfg.w_repulsion * r_img
-    terms = {"global": g_img.mean(), "slot": s_img.mean(), "repulsion": r_img.mean()}
+    _join(side, (r_part, r_mean))
+    per_img = cfg.w_global * g_img + s_part + r_part
+    terms = {"global": g_img.mean(), "slot": s_mean, "repulsion": r_mean}
     return per_img.mean(), terms, pred
+
+
+def _on(side: "torch.cuda.Stream | None"):
+    """`with _on(side):` runs the block on `side`, or where it is when side is None (CPU, torch.compile)."""
+    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
 
 def prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:

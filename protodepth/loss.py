@@ -211,9 +211,7 @@ def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: Lo
     torch.compile traces, they are computed here, inline. The same ops run either way: the values are identical.
     """
     side = _fork(prototypes.device, "prototypes", (prototypes,))
-    if side is None:
-        return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, None)
-    with torch.cuda.stream(side), torch.autocast(device_type="cuda", enabled=False):
+    with _on(side), torch.autocast(device_type=prototypes.device.type, enabled=False):
         return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, side)
 
 

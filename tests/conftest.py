@@ -1,4 +1,8 @@
 """Shared pytest fixtures and report hooks."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 _GEOMETRY_DIFFS = pytest.StashKey[dict]()
@@ -19,3 +23,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for key in sorted(diffs):
         abs_d, rel_d = diffs[key]
         terminalreporter.write_line(f"{key:<34} {abs_d:>14.3e} {rel_d:>14.3e}")
+
+
+@pytest.fixture(scope="session")
+def two_machine_run(tmp_path_factory):
+    """One 2-process DDP job over gloo, launched as two one-process "machines" on localhost (what a multi-node
+    job runs): 2 steps, a checkpoint at step 2, its end-of-run pictures. Read by tests/test_multinode.py (the
+    multi-node checks) and resumed by tests/test_distributed.py, which saves the suite a launch. What the
+    multi-node checks read is captured here, before any test resumes the run in its folder.
+
+    Fields: overrides (dict), results (two CompletedProcess, machine 0 first), summary (summary.json after
+    step 2), machine1_files (names in machine 1's working folder), pictures (PNG names under viz/)."""
+    from trainer_utils import PICTURES, launch_machines, tiny_overrides
+
+    tmp = tmp_path_factory.mktemp("two_machines")
+    workdirs = [tmp / f"machine{r}" for r in range(2)]
+    for d in workdirs:
+        d.mkdir()
+    o = tiny_overrides(tmp, **{"train.max_steps": 2, "train.ckpt_every": 2, **PICTURES})
+    results = launch_machines(o, workdirs)
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, (f"machine {rank} failed:\nSTDOUT\n{r.stdout[-3000:]}\n"
+                                   f"STDERR\n{r.stderr[-6000:]}")
+    run = Path(o["train.output_dir"])
+    return SimpleNamespace(overrides=o, results=results, summary=json.loads((run / "summary.json").read_text()),
+                           machine1_files=sorted(p.name for p in workdirs[1].iterdir()),
+                           pictures=sorted(p.name for p in (run / "viz").rglob("*.png")))

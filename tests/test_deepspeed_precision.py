@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_utils import accelerate_bin, override_args, run_script, tiny_overrides
+from trainer_utils import PICTURES, accelerate_bin, override_args, run_script, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,11 @@ def _check_trained(s: dict, precision: str, steps: int) -> None:
 def test_deepspeed_zero2_trains_under_bf16_on_cpu(tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.mixed_precision": "bf16"})
-    s = _launch_zero2(o, {"CUDA_VISIBLE_DEVICES": ""})
+    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.mixed_precision": "bf16", **PICTURES})
+    s = _launch_zero2(o, {"CUDA_VISIBLE_DEVICES": "", "PROTODEPTH_CHECKPOINT_FSYNC": "0"})
     _check_trained(s, "bf16", steps=2)
+    # the end-of-run pictures, drawn from the engine's bf16 run
+    assert list(Path(o["train.output_dir"], "viz").rglob("*.png"))
 
 
 @pytest.mark.cuda

@@ -1,24 +1,12 @@
 """Real multi-process runs on the CPU, launched the way users launch: DDP over gloo and DeepSpeed ZeRO-2."""
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from trainer_utils import accelerate_bin, override_args, run_script, tiny_overrides
+from trainer_utils import CPU_ENV, accelerate_bin, free_port, override_args, run_script, tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-
-# CPU processes even on a GPU machine: with CUDA visible, Accelerate's barrier asks for one GPU per rank
-# ("invalid device ordinal" on a 1-GPU host)
-CPU_ENV = {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(config: str, overrides: dict, env: dict, nproc: int = 2):
@@ -29,16 +17,19 @@ def launch(config: str, overrides: dict, env: dict, nproc: int = 2):
     return json.loads(Path(overrides["train.output_dir"], "summary.json").read_text())
 
 
-def test_two_process_ddp_on_cpu_trains_in_step_resumes_and_equals_the_flat_buffer(tmp_path):
+def test_two_process_ddp_on_cpu_trains_in_step_resumes_and_equals_the_flat_buffer(two_machine_run, tmp_path):
     env = CPU_ENV
-    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 2})
-    s = launch("accelerate_configs/cpu_2proc.yaml", o, env)
+    # the first 2 steps: the session's 2-process DDP job (launched as two machines, conftest.py), which wrote a
+    # checkpoint at step 2; its multi-node specifics are checked in tests/test_multinode.py
+    s = two_machine_run.summary
     assert s["processes"] == 2 and "MULTI_CPU" in s["distributed_type"]
     assert len(s["rank_checksums"]) == 2 and s["rank_checksums"][0] == s["rank_checksums"][1]
+    o = {**two_machine_run.overrides, "train.viz_images": 0}
     # resume on both ranks from the checkpoint at step 2 and go on to step 4
     s2 = launch("accelerate_configs/cpu_2proc.yaml", {**o, "train.max_steps": 4, "train.resume": "latest"}, env)
     assert s2["steps"] == 4 and s2["rank_checksums"][0] == s2["rank_checksums"][1]
     assert [h[0] for h in s2["history"]] == [1, 2, 3, 4]
+    assert s2["history"][:2] == s["history"]  # steps 1-2 restored from the checkpoint
     # train.data_parallel=flat is what several GPUs use with CUDA graphs (DDP's hooks do not run inside a
     # replay): the same 4 steps through one flat gradient buffer must keep the ranks identical and give DDP's
     # result, the same averaged gradients up to the order of float additions
@@ -55,8 +46,10 @@ def test_two_process_deepspeed_zero2_on_cpu(tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
     o = tiny_overrides(tmp_path, **{"train.max_steps": 2})
-    s = launch("accelerate_configs/deepspeed_zero2.yaml", o, {"CUDA_VISIBLE_DEVICES": "",
-                                                                     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")})
+    # (DeepSpeed's own CPU path: no ACCELERATE_USE_CPU, which would fall back to plain DDP)
+    env = {"CUDA_VISIBLE_DEVICES": "", "PROTODEPTH_CHECKPOINT_FSYNC": "0",
+           "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")}
+    s = launch("accelerate_configs/deepspeed_zero2.yaml", o, env)
     assert s["processes"] == 2 and "DEEPSPEED" in s["distributed_type"]
     assert s["rank_checksums"][0] == s["rank_checksums"][1]
     ckpt = Path(s["checkpoint"])

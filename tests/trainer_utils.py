@@ -40,12 +40,18 @@ def tiny_overrides(tmp_path: Path, **extra) -> dict:
         "train.val_every": 0,
         "train.ckpt_every": 0,
         "train.wandb": "disabled",
+        # No end-of-run pictures: drawing them costs about 4 s of CPU in a fresh process (matplotlib and trimesh
+        # imports, rendering). Tests of the pictures, and one run per distributed mode, turn them on (PICTURES).
+        "train.viz_images": 0,
         # Eager steps, so tests that patch the loss per call mean the same thing on a GPU machine; the
         # CUDA-graph path has its own tests (test_cuda_graphs.py) that turn it on.
         "train.cuda_graphs": False,
     }
     o.update(extra)
     return o
+
+
+PICTURES = {"train.viz_images": 4}  # extra overrides for a tiny run that draws its end-of-run pictures
 
 
 def tiny_config(tmp_path: Path, **extra) -> Config:
@@ -81,3 +87,49 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# ------------------------------------------------------------------------------ multi-process launches on the CPU
+
+# CPU processes over gloo even on a GPU machine: with CUDA visible, Accelerate's barrier asks for one GPU per rank
+# ("invalid device ordinal" on a 1-GPU host). Checkpoints skip fsync (0.7 s each; no test here needs durability
+# against a power loss).
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "PROTODEPTH_CHECKPOINT_FSYNC": "0"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine_cmd(machine_rank: int, port: int, overrides: dict) -> list[str]:
+    """The command a user runs on machine `machine_rank` of 2, one process each (2 processes in total)."""
+    return [accelerate_bin(), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(machine_rank),
+            "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(REPO / "scripts" / "train.py"), *override_args(overrides)]
+
+
+def launch_machines(overrides: dict, workdirs: list[Path], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start two one-process "machines" on localhost at once (each blocks until the other joins), each in its own
+    working folder; return both finished processes."""
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **CPU_ENV})
+    env.pop("WANDB_MODE", None)
+    port = free_port()
+    procs = [subprocess.Popen(machine_cmd(rank, port, overrides), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank, cwd in enumerate(workdirs)]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:  # a machine left waiting for a dead peer must not outlive the test
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return done

@@ -116,7 +116,8 @@ if triton is not None:
         Otherwise write +inf / -1 for empty slots and padded queries (idx in idx_ptr's integer type), and with
         TICKET the merge happens here: each program takes a ticket from cnt (N, T1) int32 (zero on entry) after
         its partial rows are written, and the last of the S programs of a query tile merges the S partial rows
-        into fin_d / fin_i (N, P1, K) with PyTorch3D padding (one launch instead of a search and a merge kernel).
+        into fin_d / fin_i (N, P1, K) with PyTorch3D padding (one launch instead of a search and a merge kernel)
+        and sets the tile's counter back to zero (so cnt can serve the next launch without a zeroing).
         C_ROWS: candidates read in place from the caller's contiguous (N, P2, D) rows (P2S = P2), no copy.
 
         SORTED: p1 and p2 are sorted by Morton cell (valid points first), perm1/perm2 (N, P1)/(N, P2) int32
@@ -283,6 +284,8 @@ if triton is not None:
             tl.debug_barrier()
             ticket = tl.atomic_add(cnt_ptr + n * T1 + pid_q, 1, sem="acq_rel", scope="gpu")
             if ticket == num_s - 1:
+                # every program of the tile has counted: back to zero for the next launch that uses these counters
+                tl.atomic_xchg(cnt_ptr + n * T1 + pid_q, 0)
                 _merge_rows(dist_ptr, idx_ptr, fin_d_ptr, fin_i_ptr, n, num_n, q, L1, L2, num_s, P1, K, KP, BLOCK_Q)
 
     @triton.jit
@@ -661,6 +664,88 @@ if triton is not None:
                 tl.atomic_max(acc_ptr + STAT, mbits)
 
     @triton.jit
+    def _pair_contrib(pa, pb, gv, m2, NORM: tl.constexpr, ACC: tl.constexpr):
+        """dD/dp1 * g for rows pa, pb (B, DP) and g (B,), 0 where m2 (B, DP) is False."""
+        diff = pa - pb
+        if NORM == 2:
+            c = 2.0 * diff * gv[:, None]
+        else:
+            # PyTorch3D's subgradient of |x|: +1 where x > 0, else -1 (also at 0), as knn.py's torch path
+            c = tl.where(diff > 0, 1.0, -1.0).to(ACC) * gv[:, None]
+        return tl.where(m2, c, 0.0)
+
+    @triton.jit
+    def _knn_bwd_small_kernel(
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, idx_ptr, g_ptr, gp1_ptr, gp2_ptr,
+        P1, P2, K, GS0, GS1, GS2, NQB,
+        D: tl.constexpr, DP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+        WANT_P1: tl.constexpr, WANT_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+    ):
+        """The whole backward of a small problem in one launch, without atomics or zeroing.
+
+        Programs pid < NQB: grad_p1 (N, P1, D) of BLOCK_Q queries of cloud n, a fixed-order sum over k (as
+        _knn_bwd_kernel). Programs pid >= NQB own BLOCK_J candidates of cloud n and scan every chosen pair (i, k) of
+        the cloud in order, summing the contributions of the pairs that chose them: grad_p2 (N, P2, D), bit-identical
+        across runs; a candidate with a non-finite contribution gets NaN. The scan costs N*P1*K*P2 comparisons, so
+        the caller takes this path for small problems only. Arguments as _knn_bwd_kernel.
+        """
+        pid = tl.program_id(0)
+        n = tl.program_id(1)
+        n64 = n.to(tl.int64)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        dd = tl.arange(0, DP)
+        dmask = dd < D
+        if pid < NQB:
+            if WANT_P1:
+                q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+                qmask = q < L1
+                pq = tl.load(p1_ptr + (n64 * P1 + q[:, None]) * D + dd[None, :],
+                             mask=qmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+                acc1 = tl.zeros((BLOCK_Q, DP), ACC)
+                for k in range(K):
+                    valid = qmask & (k < L2)
+                    j = tl.load(idx_ptr + (n64 * P1 + q) * K + k, mask=valid, other=0)
+                    valid = valid & (j >= 0) & (j < L2)
+                    gv = tl.load(g_ptr + n64 * GS0 + q * GS1 + k * GS2, mask=valid, other=0.0).to(ACC)
+                    m2 = valid[:, None] & dmask[None, :]
+                    pj = tl.load(p2_ptr + (n64 * P2 + j[:, None]) * D + dd[None, :], mask=m2, other=0.0).to(ACC)
+                    acc1 += _pair_contrib(pq, pj, gv, m2, NORM, ACC)
+                tl.store(gp1_ptr + (n64 * P1 + q[:, None]) * D + dd[None, :], acc1.to(gp1_ptr.dtype.element_ty),
+                         mask=(q < P1)[:, None] & dmask[None, :])
+        else:
+            if WANT_P2:
+                jj = (pid - NQB) * BLOCK_J + tl.arange(0, BLOCK_J)
+                acc2 = tl.zeros((BLOCK_J, DP), ACC)
+                bad = tl.zeros((BLOCK_J,), tl.int32)
+                E = L1 * K
+                for e0 in range(0, E, BLOCK_E):
+                    e = e0 + tl.arange(0, BLOCK_E)
+                    i = e // K
+                    k = e - i * K
+                    valid = (e < E) & (k < L2)
+                    j = tl.load(idx_ptr + n64 * P1 * K + e, mask=valid, other=0)
+                    valid = valid & (j >= 0) & (j < L2)
+                    gv = tl.load(g_ptr + n64 * GS0 + i * GS1 + k * GS2, mask=valid, other=0.0).to(ACC)
+                    m2 = valid[:, None] & dmask[None, :]
+                    pi = tl.load(p1_ptr + (n64 * P1 + i[:, None]) * D + dd[None, :], mask=m2, other=0.0).to(ACC)
+                    pj = tl.load(p2_ptr + (n64 * P2 + j[:, None]) * D + dd[None, :], mask=m2, other=0.0).to(ACC)
+                    c = _pair_contrib(pi, pj, gv, m2, NORM, ACC)
+                    finite = (c == c) & (tl.abs(c) < float("inf"))
+                    cbad = tl.max(tl.where(finite, 0, 1), 1)
+                    c = tl.where(finite, c, 0.0)
+                    hit = (j[:, None] == jj[None, :]) & valid[:, None]  # (BLOCK_E, BLOCK_J)
+                    for d in tl.static_range(D):
+                        c_d = tl.sum(tl.where(dd[None, :] == d, c, 0.0), 1)
+                        s_d = tl.sum(tl.where(hit, c_d[:, None], 0.0), 0)
+                        acc2 += tl.where(dd[None, :] == d, s_d[:, None], 0.0)
+                    bad = tl.maximum(bad, tl.max(tl.where(hit, cbad[:, None], 0), 0))
+                out = tl.where(bad[:, None] != 0, float("nan"), -acc2)
+                tl.store(gp2_ptr + (n64 * P2 + jj[:, None]) * D + dd[None, :], out.to(gp2_ptr.dtype.element_ty),
+                         mask=(jj < P2)[:, None] & dmask[None, :])
+
+    @triton.jit
     def _knn_grad_p2_finish_kernel(acc_ptr, out_ptr, ND, STAT, BAD, NE,
                                    D: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
         """grad_p2 (N*P2*D,) = -(fixed-point sums) / scale in the output dtype; NaN where a contribution was not
@@ -688,10 +773,14 @@ if triton is not None:
 # candidate tiles per row sorted in registers by _tile_order_kernel (4096 int64 keys over 8 warps: 16 per thread;
 # 8192 took 21 s to compile); longer rows (P2 > 131 072 at 32-candidate tiles) go through torch.sort
 _MAX_SORT_TILES = 4096
-# brute-force problems below this many pairs (~60 us of search on an H100) read p2 in place instead of a copy
-_ROWS_MAX_PAIRS = 1 << 27
+# brute-force problems below this many pairs (~30 us of search on an H100) read p2 in place instead of a copy (at
+# 64x200x10000 = 1.3e8 pairs the in-place loads cost 0.03 ms of device time on an H200 against the copy)
+_ROWS_MAX_PAIRS = 1 << 26
 # grad_p2 of at most this many elements is converted inside the accumulation launch (by its last program)
 _FINISH_IN_KERNEL_MAX = 1 << 16
+# backward problems with N*P1*K*P2 at most this (comparisons of the candidate-owner scan, ~20-40 us on an H200)
+# take the one-launch _knn_bwd_small_kernel; larger ones the fixed-point accumulation (zeroing + 2-3 launches)
+_SCAN_BWD_MAX_PAIRS = 1 << 26
 
 
 def _run(fn, grid: tuple, *args, **meta) -> None:
@@ -778,6 +867,11 @@ def _forward_config_cached(N: int, P1: int, P2: int, K: int, D: int, dev_type: s
             # query tiles prune more (simulated on random clouds: 5.6% of pairs at 32 queries, 10% at 128), and
             # their cross-query reductions stay inside one warp
             bq = 32
+        elif K > 1 and N * P1 * P2 < (1 << 28):
+            # small K > 1 problems: one-warp query tiles; the insertion loop runs as often as the tile's busiest
+            # query needs, so fewer queries per tile waste less (H200 sweep, forward device time: 4x5000x5000 K=8
+            # 0.28 ms at 32 queries vs 0.36 at 64; 2x3000x3000 K=32 0.30 vs 0.39)
+            bq = 32
         else:
             bq = 128
             # fill the GPU with query tiles before resorting to candidate splits
@@ -789,10 +883,14 @@ def _forward_config_cached(N: int, P1: int, P2: int, K: int, D: int, dev_type: s
     if spatial_sort:
         splits = 1  # each split would need its own bounds; pruning wants the whole candidate cloud
     elif splits is None:
-        # too few query tiles to fill the GPU: split the candidates too and merge afterwards
+        # too few query tiles to fill the GPU: split the candidates too and merge afterwards. H200 sweep (forward
+        # device time by splits): 1x10000x6400 K=1 0.152 / 0.094 / 0.070 / 0.061 ms at 1 / 2 / 4 / 8 splits;
+        # 4x5000x5000 K=8 0.31 / 0.28 / 0.29 / 0.36; 2x3000x3000 K=32 0.35 / 0.30 / 0.38 / 0.45: the merge (by one
+        # program per query tile, S*K insertions) limits the splits of large K
+        want = (8 if K == 1 else 4) * target
         splits = 1
-        if N * n_qblocks < 2 * target:
-            splits = min(_cdiv(2 * target, N * n_qblocks), max(1, P2 // (4 * bc)))
+        if N * n_qblocks < want:
+            splits = min(_cdiv(want, N * n_qblocks), max(1, P2 // (4 * bc)), max(1, 64 // K))
     splits = max(1, min(int(splits), _cdiv(max(P2, 1), bc)))
     chunk = _cdiv(_cdiv(max(P2, 1), splits), bc) * bc
     splits = _cdiv(max(P2, 1), chunk)
@@ -906,8 +1004,8 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding.
 
     lengths (N,) integer tensors on p1's device; the kernels clamp them to [0, P1] / [0, P2]. Launches: small brute
-    force problems 1 (candidates read in place; with candidate splits, + 1 zeroing of the merge tickets), larger
-    ones + 1 candidate copy; the sorted path about 12. No host sync.
+    force problems 1 (candidates read in place; candidate splits merged in the kernel, its tickets kept per
+    stream), larger ones + 1 candidate copy; the sorted path about 9. No host sync.
     """
     N, P1, D = p1.shape
     P2 = p2.shape[1]
@@ -942,10 +1040,10 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     if S == 1:
         part_d, part_i, tickets = dists, idx, l1  # tickets never read
     else:
-        # the S partial rows and one merge ticket per query tile; only the tickets need the zeros
+        # the S partial rows and one merge ticket per query tile
         part_d = torch.empty(S, N, P1, K, dtype=out_dtype, device=dev)
-        ws = torch.zeros(N * T1 + S * N * P1 * K, dtype=torch.int32, device=dev)
-        tickets, part_i = ws, ws[N * T1:]
+        part_i = torch.empty(S, N, P1, K, dtype=torch.int32, device=dev)
+        tickets = _tickets(N * T1, dev)
     kp = _next_pow2(max(K, 2))
     _run(
         _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,
@@ -956,12 +1054,39 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     return dists, idx
 
 
+_TICKETS: dict = {}
+
+
+def _tickets(n: int, device: torch.device) -> torch.Tensor:
+    """At least n int32 zeros for the merge tickets of one search launch, which leaves them at zero again.
+
+    Eagerly one buffer per (device, stream), kept between calls: a zeroing per call is a launch, and launches are
+    what small eager calls pay for; launches on one stream run in order, so they never share a counter at the same
+    time. While a CUDA graph is being captured, fresh zeros instead: the graph owns them and its replays cannot
+    meet another stream's launches on them.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, None)  # the interpreter: programs run one after another
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        # a replaced buffer may still be in use by this stream's queued launches; the caching allocator hands its
+        # memory out again only in this stream's order, after them
+        buf = _TICKETS[key] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return buf
+
+
 def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=True, want_p2=True):
     """(grad_p1 (N, P1, D) or None, grad_p2 (N, P2, D) or None) in the inputs' dtype; only the wanted ones computed.
 
-    grad_p1: one launch, a fixed-order sum over k per query. grad_p2: 64-bit fixed-point sums through integer
-    atomics (order-independent, so bit-identical across runs; no float atomics) in 4 launches: zeroed
-    accumulator, largest contribution (for the scale), accumulation, conversion. The scale is a power of two
+    Small problems (N*P1*K*P2 <= _SCAN_BWD_MAX_PAIRS): both in one launch of _knn_bwd_small_kernel (fixed-order
+    float sums, candidate blocks scanning the chosen pairs). Otherwise grad_p1: one launch, a fixed-order sum over k
+    per query; grad_p2: 64-bit fixed-point sums through integer atomics (order-independent, so bit-identical across
+    runs; no float atomics): zeroed accumulator, largest contribution (for the scale), accumulation, conversion (in
+    the accumulation launch when grad_p2 is small, else its own). The scale is a power of two
     with sum bound 2^61 for N*P1*K contributions, so each candidate's gradient carries an absolute error of at most
     (its number of contributions) * max|contribution| * N*P1*K * 2^-60, far below fp32 rounding at these sizes.
     No host sync.
@@ -972,16 +1097,28 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
     dev = p1.device
     if N * P1 == 0 or P2 == 0:  # no chosen pairs
         return (torch.zeros_like(p1) if want_p1 else None), (torch.zeros_like(p2) if want_p2 else None)
-    a = p1.detach().contiguous()
-    b = p2.detach().contiguous()
-    idx = idx.contiguous()
+    a = p1.detach()
+    a = a if a.is_contiguous() else a.contiguous()
+    b = p2.detach()
+    b = b if b.is_contiguous() else b.contiguous()
+    idx = idx if idx.is_contiguous() else idx.contiguous()
     f64 = p1.dtype == torch.float64
     interp = _interpreting()
     bq = 16 if interp else 128
     dp = _next_pow2(D)
-    grid = (_cdiv(P1, bq), N)
     gs = grad_dists.stride()
     grad_p1 = torch.empty_like(a) if want_p1 else None
+    if want_p2 and N * P1 * K * P2 <= _SCAN_BWD_MAX_PAIRS:
+        # one launch, no zeroing: each candidate block scans every chosen pair of its cloud
+        grad_p2 = torch.empty_like(b)
+        nqb = _cdiv(P1, bq) if want_p1 else 0
+        bj = 16 if interp else 32
+        _run(_knn_bwd_small_kernel, (nqb + _cdiv(P2, bj), N), a, b, lengths1, lengths2, idx, grad_dists,
+             grad_p1 if want_p1 else a, grad_p2, P1, P2, K, gs[0], gs[1], gs[2], nqb, D=D, DP=dp, NORM=norm,
+             ACC=_acc_dtype(p1.dtype), WANT_P1=want_p1, WANT_P2=True, BLOCK_Q=bq, BLOCK_J=bj,
+             BLOCK_E=32 if interp else 128, num_warps=4)
+        return grad_p1, grad_p2
+    grid = (_cdiv(P1, bq), N)
     nd = N * P2 * D
     stat, bad = nd + N * P2, nd
     # accumulator: N*P2*D fixed-point sums, N*P2 non-finite flags, the max |contribution| bits, the finish ticket

@@ -318,3 +318,28 @@ def test_cuda_kept_merge_tickets_serve_calls_of_changing_shapes_and_end_at_zero(
     torch.cuda.synchronize()
     key = (p1.device, torch.cuda.current_stream(p1.device).cuda_stream)
     assert int(kt._TICKETS[key].abs().sum()) == 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("N,P1,P2,K,norm", [(1, 3000, 2000, 1, 2), (2, 500, 700, 8, 2), (2, 300, 400, 3, 1)])
+def test_cuda_one_launch_backward_matches_autograd_and_repeats_bit_for_bit(N, P1, P2, K, norm):
+    from protodepth.geometry import knn_triton as kt
+
+    assert N * P1 * K * P2 <= kt._SCAN_BWD_MAX_PAIRS  # the candidate-scan backward
+    g = torch.Generator(device="cuda").manual_seed(6)
+    p1 = torch.randn(N, P1, 3, device="cuda", generator=g)
+    p2 = torch.randn(N, P2, 3, device="cuda", generator=g)
+    runs = []
+    for _ in range(2):
+        a, b = p1.clone().requires_grad_(), p2.clone().requires_grad_()
+        d, i = kt.knn_points_triton(a, b, K=K, norm=norm)
+        w = torch.linspace(-1, 2, d.numel(), device="cuda").reshape(d.shape)
+        runs.append(torch.autograd.grad((d * w).sum(), (a, b)))
+    a, b = p1.double().requires_grad_(), p2.double().requires_grad_()
+    diff = a[:, :, None] - torch.gather(b[:, None].expand(-1, P1, -1, -1), 2, i[..., None].expand(-1, -1, -1, 3))
+    dd = (diff * diff).sum(-1) if norm == 2 else (diff * torch.where(diff > 0, 1.0, -1.0).double()).sum(-1)
+    r1, r2 = torch.autograd.grad((dd * w.double()).sum(), (a, b))
+    for got, ref in zip(runs[0], (r1, r2)):
+        assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
+    assert all(torch.equal(x, y) for x, y in zip(*runs))

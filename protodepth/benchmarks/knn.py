@@ -6,6 +6,9 @@ forward+backward (gradients of dists.sum() w.r.t. both clouds), as the median of
 a CUDA graph and replayed (what the trainer's captured step pays: no launch or Python cost). Prints a markdown
 table beside PyTorch3D's anchors (`knn_points`, float32, one H100, from the original system's measurements) and,
 with --out, writes JSON. `--profile`: device work items per call and per-kernel times; `--host`: cProfile.
+`--compare --impl LABEL=module:function ...`: several implementations timed in one process on the same inputs
+(eager fwd, eager fwd+bwd, graphed fwd+bwd) with their agreement (indices that differ where distances do not tie,
+gradients); any importable knn with PyTorch3D's `knn_points` call convention can be the reference.
 """
 from __future__ import annotations
 

@@ -342,9 +342,15 @@ def test_graphed_backward_writes_into_the_flat_buffer():
 def _nccl_graph_worker(rank, world, port, out_dir):
     """One GPU per rank: a backward captured inside reduce_during_backward (the NCCL all-reduces recorded in the
     graph) against the eager backward averaged after it."""
+    def reached(stage: str) -> None:  # where a hung rank stopped, for the failure message
+        with open(f"{out_dir}/stage{rank}.txt", "a") as fh:
+            fh.write(stage + "\n")
+
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    graph = None
     try:
+        reached("init")
         torch.manual_seed(0)
         model = Net().cuda()
         grads = FlatGrads(model.parameters(), bucket_mb=TINY_BUCKET_MB)
@@ -357,12 +363,14 @@ def _nccl_graph_worker(rank, world, port, out_dir):
                 with grads.reduce_during_backward():
                     _loss(model, static_x).backward()
         torch.cuda.current_stream().wait_stream(side)
+        reached("warm-up")
         graph = torch.cuda.CUDAGraph()
         grads.zero_()
         # thread_local, as the trainer captures: NCCL's watchdog thread queries events during the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             with grads.reduce_during_backward():
                 _loss(model, static_x).backward()
+        reached("capture")
         rows = []
         for step in range(1, 4):
             x = _batch(rank, step).cuda()
@@ -374,9 +382,15 @@ def _nccl_graph_worker(rank, world, port, out_dir):
             _loss(model, x).backward()
             grads.all_reduce_mean_()
             rows.append({"replayed": [g.cpu() for g in replayed], "after": [p.grad.cpu() for p in model.parameters()]})
+        reached("replays")
         torch.save(rows, f"{out_dir}/rank{rank}.pt")
     finally:
+        # the graph holds NCCL work on the group's communicator: free it, and let it finish, before the group ends
+        del graph
+        torch.cuda.synchronize()
+        reached("freed")
         dist.destroy_process_group()
+        reached("destroyed")
 
 
 @pytest.mark.cuda
@@ -387,12 +401,14 @@ def test_captured_overlapped_all_reduce_averages_like_an_all_reduce_after_the_ba
         pytest.skip("needs 2 GPUs")
     ctx = mp.start_processes(_nccl_graph_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
                              start_method="spawn", join=False)
-    deadline = time.monotonic() + 180  # a captured collective has no NCCL timeout: a failed rank hangs its peer
-    while not ctx.join(timeout=5):
+    deadline = time.monotonic() + 90  # a captured collective has no NCCL timeout: a failed rank hangs its peer
+    while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
-            pytest.fail("the 2-GPU capture test did not finish in 180 s")
+            stages = {r: (tmp_path / f"stage{r}.txt").read_text().split() if (tmp_path / f"stage{r}.txt").exists()
+                      else [] for r in range(2)}
+            pytest.fail(f"the 2-GPU capture test did not finish in 90 s; stages reached per rank: {stages}")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rows in ranks:
         for row in rows:

@@ -122,10 +122,14 @@ def hybrid_chamfer(
     pred = pred.view(B, K, S, 3)
     pred_flat = pred.reshape(B, K * S, 3)
 
-    # per slot: every predicted sample -> nearest target point; mean over samples, then over slots
-    s = knn_points(pred_flat, target, lengths2=lengths, K=1).dists.squeeze(-1)  # (B, K*S); a view in backward too
-    s_img = s.view(B, K, S).mean(dim=(1, 2))  # (B,)
-    s_part, s_mean = cfg.w_slot * s_img, s_img.mean()
+    # per slot: every predicted sample -> nearest target point; mean over samples, then over slots. The two
+    # searches are independent given pred: on CUDA this one runs on a side stream, beside the global one
+    # (each is a chain of small launches at small batches); its backward runs there too.
+    side_s = _fork(pred_flat.device, "knn", (pred_flat, target, lengths))
+    with _on(side_s):
+        s = knn_points(pred_flat, target, lengths2=lengths, K=1).dists.squeeze(-1)  # (B, K*S); a view in backward
+        s_img = s.view(B, K, S).mean(dim=(1, 2))  # (B,)
+        s_part, s_mean = cfg.w_slot * s_img, s_img.mean()
 
     # global: every target point -> its k nearest predicted points (any slot)
     g = knn_points(target, pred_flat, lengths1=lengths, K=cfg.k_nearest).dists  # (B, N, k)
@@ -133,6 +137,7 @@ def hybrid_chamfer(
     g_img = (g.mean(-1) * valid).sum(1) / lengths.clamp_min(1).to(g.dtype)  # (B,)
 
     _join(side, (r_part, r_mean))
+    _join(side_s, (s_part, s_mean))
     per_img = cfg.w_global * g_img + s_part + r_part
     terms = {"global": g_img.mean(), "slot": s_mean, "repulsion": r_mean}
     return per_img.mean(), terms, pred

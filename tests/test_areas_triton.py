@@ -61,3 +61,16 @@ def test_cuda_kernel_gives_twice_pytorchs_face_areas():
     planar = verts.transpose(1, 2).contiguous().transpose(1, 2)
     for x in (verts, planar):
         torch.testing.assert_close(doubled_face_areas(x, faces), 2 * face_areas(x, faces), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
+def test_sampling_weights_on_cuda_come_from_the_kernel(monkeypatch):
+    from protodepth.geometry import areas_triton, sample_points_from_meshes
+
+    calls = []
+    real = areas_triton.doubled_face_areas
+    monkeypatch.setattr(areas_triton, "doubled_face_areas", lambda v, f: calls.append(1) or real(v, f))
+    verts, faces = _meshes("cuda")
+    points = sample_points_from_meshes(verts, faces, 100, generator=torch.Generator("cuda").manual_seed(0))
+    assert calls and points.shape == (5, 100, 3) and torch.isfinite(points).all()

@@ -124,9 +124,15 @@ def _check_sampling_input(verts, faces, num_samples) -> None:
 def _face_weights(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Twice the face areas (M, F) in fp32 to draw faces by, after the degenerate-mesh rule of
     sample_points_from_meshes' docstring (a raise eagerly, uniform weights without host reads). Twice: the
-    draws only see ratios of weights, which a factor of 2 leaves exact, and it saves a pass over M x F."""
+    draws only see ratios of weights, which a factor of 2 leaves exact, and it saves a pass over M x F. On CUDA
+    one Triton kernel computes them (areas_triton: a weight may differ from the PyTorch path in its last bit)."""
     vd = verts.detach()
-    areas = _doubled_face_areas(vd.float(), faces)  # half inputs accumulate in fp32
+    if vd.is_cuda and _triton_areas(vd.float(), faces):  # one kernel instead of six over (M, F, 3, 3)
+        from . import areas_triton
+
+        areas = areas_triton.doubled_face_areas(vd.float(), faces)
+    else:
+        areas = _doubled_face_areas(vd.float(), faces)  # half inputs accumulate in fp32
     total = areas.sum(1)
     if not host_reads_allowed():
         ok = ((total > 0) & (total < float("inf")))[:, None]  # finite and positive (NaN fails both)
@@ -139,6 +145,16 @@ def _face_weights(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         bad = (total <= 0).nonzero().flatten().tolist()[:8]
         raise ValueError(f"faces: meshes {bad} have zero total area, cannot sample points on them")
     return areas
+
+
+def _triton_areas(verts: torch.Tensor, faces: torch.Tensor) -> bool:
+    """Whether the sampling weights come from the Triton kernel (CUDA, Triton on, not while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return False
+    from . import areas_triton
+    from .knn import _use_triton
+
+    return _use_triton() and areas_triton.usable(verts, faces)
 
 
 def _points_on_faces(verts, faces, face_idx, uv, return_normals: bool, return_face_info: bool):

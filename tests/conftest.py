@@ -8,6 +8,20 @@ import pytest
 _GEOMETRY_DIFFS = pytest.StashKey[dict]()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def background_jobs(request):
+    """Starts, with the session's first test, the subprocess jobs that the modules of the selected tests declare
+    in BACKGROUND_JOBS for a fixture those tests use (trainer_utils says why); ends what is left at the end."""
+    from trainer_utils import background_job, end_background_jobs
+
+    for item in request.session.items:
+        for name, start in getattr(getattr(item, "module", None), "BACKGROUND_JOBS", {}).items():
+            if name in item.fixturenames:
+                background_job(name, start)
+    yield
+    end_background_jobs()
+
+
 @pytest.fixture(scope="session")
 def reference_report(request):
     """dict op -> (max abs diff, max rel diff) against tests/data/pytorch3d_reference.npz; printed at the end."""

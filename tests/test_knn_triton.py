@@ -3,14 +3,14 @@
 Two groups:
 - interpreter tests: the real kernels run on CPU tensors under TRITON_INTERPRET=1. That variable must be set before
   triton is first imported, and other tests of this pytest process import torch/triton first, so the checks run in
-  one subprocess whose JSON report the tests below read. A broken kernel fails CI this way, not only on a GPU.
+  one subprocess whose JSON report the tests below read (it runs beside the session's other tests: see
+  BACKGROUND_JOBS). A broken kernel fails CI this way, not only on a GPU.
 - CUDA tests (marked `cuda`, skipped without a GPU): larger random inputs, half inputs, gradients, determinism.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -215,17 +215,27 @@ _INTERP_SCRIPT = textwrap.dedent(
 )
 
 
+def _start_interpreter_run():
+    # one thread: the job runs beside the other tests (conftest.py starts it with the session's first test).
+    # (trainer_utils is imported here, not at the top: the job itself imports this module for its references)
+    from trainer_utils import BackgroundJob
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return BackgroundJob([sys.executable, "-c", _INTERP_SCRIPT, str(REPO), str(REPO / "tests")], env)
+
+
+BACKGROUND_JOBS = {"interp_report": _start_interpreter_run} if HAVE_TRITON else {}
+
+
 @pytest.fixture(scope="module")
 def interp_report():
     if not HAVE_TRITON:
         pytest.skip("triton is not importable on this machine")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERP_SCRIPT, str(REPO), str(REPO / "tests")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1]
+    from trainer_utils import background_job
+
+    rc, out, err = background_job("interp_report", _start_interpreter_run).result(timeout=300)
+    assert rc == 0, f"interpreter run failed:\n{out[-3000:]}\n{err[-6000:]}"
+    line = [ln for ln in out.splitlines() if ln.startswith("JSON")][-1]
     return json.loads(line[4:])
 
 

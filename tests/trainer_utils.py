@@ -133,3 +133,54 @@ def launch_machines(overrides: dict, workdirs: list[Path], timeout: float = 240)
                 p.kill()
                 p.communicate()
     return done
+
+
+# ------------------------------------------------------------------------- background jobs (a second CPU lane)
+
+# The suite runs one test at a time, and most of its in-process tests keep only about one of the two cores busy.
+# A long subprocess whose result a fixture reads (e.g. the Triton-interpreter run of test_knn_triton.py) can run
+# beside them: its module declares BACKGROUND_JOBS = {fixture name: start}, start() returning a started
+# BackgroundJob; conftest.py starts the job with the session's first test when a selected test uses that
+# fixture, and the fixture calls background_job(its name, start) to get it (started then, if not yet).
+_BACKGROUND: dict = {}
+
+
+class BackgroundJob:
+    """A subprocess writing its stdout and stderr to files (no pipe to fill up while nobody reads it)."""
+
+    def __init__(self, args: list[str], env: dict):
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="protodepth-test-job-"))
+        self.out_path, self.err_path = self.folder / "stdout", self.folder / "stderr"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+
+    def result(self, timeout: float) -> tuple[int, str, str]:
+        """Wait for the job: (exit code, stdout, stderr); killed and an AssertionError after `timeout` s."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.end()
+            raise AssertionError(f"background job {self.proc.args[:3]} ran past {timeout:.0f} s")
+        return rc, self.out_path.read_text(), self.err_path.read_text()
+
+    def end(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def background_job(name: str, start) -> BackgroundJob:
+    if name not in _BACKGROUND:
+        _BACKGROUND[name] = start()
+    return _BACKGROUND[name]
+
+
+def end_background_jobs() -> None:
+    for job in _BACKGROUND.values():
+        job.end()
+    _BACKGROUND.clear()

@@ -8,6 +8,16 @@ import pytest
 _GEOMETRY_DIFFS = pytest.StashKey[dict]()
 
 
+def pytest_configure(config):
+    # One intra-op thread for the tests run in this process. Their tensors are tiny, so a second thread gains
+    # little even on an idle machine, while a busy second core (a background job of this suite, a test's
+    # subprocesses, another program) makes the threads wait on each other: tests/test_train.py took 82 s with
+    # one thread and 428 s with two on a 2-core machine that other programs kept busy (load 2-5).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_jobs(request):
     """Starts, with the session's first test, the subprocess jobs that the modules of the selected tests declare

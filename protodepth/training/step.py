@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from protodepth.config import Config
-from protodepth.loss import LossOutput, SamplingLevel, proto_depth_loss
+from protodepth.loss import LossOutput, SamplingLevel, proto_depth_loss, start_prototype_terms
 from protodepth.model import SceneOutput
 from protodepth.schedules import SamplingSchedule, lr_factor
 from protodepth.training.nonfinite import NonFiniteGuard, NonFiniteOutput, output_error
@@ -52,6 +52,7 @@ class TrainStep:
         self.faces, self.grad_sync = faces, grad_sync
         self.deepspeed = deepspeed  # the engine owns backward, clipping and the optimizer step
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.module = accelerator.unwrap_model(model)  # the ProtoDepth inside DDP / torch.compile wrappers
         self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)
         self.guard = guard or NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.mixed_precision == "fp16",
                                              accelerator.process_index, accelerator.device, deferred=False)
@@ -67,11 +68,14 @@ class TrainStep:
 
     def forward_loss(self, image, cloud, lengths, level: SamplingLevel, generator):
         """Forward pass and loss of one micro-batch -> ((scene, loss output), total loss)."""
+        # The prototype regularisers do not read the image: on CUDA they run on a side stream beside the backbone.
+        # Not under DeepSpeed, whose engine should see its parameters used inside its own forward only.
+        early = None if self.deepspeed else start_prototype_terms(self.module.prototypes(), self.faces, self.cfg.loss)
         with self.accelerator.autocast():
             scene = self.model(image)  # slot_verts (B, K, V, 3), prototypes (P, V, 3)
         try:
             res = proto_depth_loss(scene.slot_verts, scene.prototypes, self.faces, cloud, lengths, self.cfg.loss,
-                                   level=level, generator=generator)
+                                   level=level, generator=generator, proto_terms=early)
         except ValueError:
             # the geometry refuses non-finite vertices; then the weights themselves have overflowed
             if bool(torch.isfinite(scene.slot_verts.detach()).all()):

@@ -778,9 +778,11 @@ _MAX_SORT_TILES = 4096
 _ROWS_MAX_PAIRS = 1 << 26
 # grad_p2 of at most this many elements is converted inside the accumulation launch (by its last program)
 _FINISH_IN_KERNEL_MAX = 1 << 16
-# backward problems with N*P1*K*P2 at most this (comparisons of the candidate-owner scan, ~20-40 us on an H200)
-# take the one-launch _knn_bwd_small_kernel; larger ones the fixed-point accumulation (zeroing + 2-3 launches)
-_SCAN_BWD_MAX_PAIRS = 1 << 26
+# backward problems with N*P1*K*P2 at most this many comparisons take the one-launch _knn_bwd_small_kernel; larger
+# ones the fixed-point accumulation (zeroing + 2-3 launches). The scan's device time (H200, graph replays of
+# fwd+bwd): 1.8e7 comparisons (2x3000x3000, K=1) +0.044 ms over the fixed-point backward, which costs two more
+# launches (~0.1 ms of host time on eager calls); 6.4e7 (1x10000x6400) +0.2 ms: more than the launches save
+_SCAN_BWD_MAX_PAIRS = 1 << 25
 
 
 def _run(fn, grid: tuple, *args, **meta) -> None:
@@ -1054,6 +1056,11 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     return dists, idx
 
 
+def _backward_scans(N: int, P1: int, K: int, P2: int) -> bool:
+    """Whether grad_p2 comes from the one-launch candidate scan (small problems) or the fixed-point sums."""
+    return N * P1 * K * P2 <= _SCAN_BWD_MAX_PAIRS
+
+
 _TICKETS: dict = {}
 
 
@@ -1108,7 +1115,7 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
     dp = _next_pow2(D)
     gs = grad_dists.stride()
     grad_p1 = torch.empty_like(a) if want_p1 else None
-    if want_p2 and N * P1 * K * P2 <= _SCAN_BWD_MAX_PAIRS:
+    if want_p2 and _backward_scans(N, P1, K, P2):
         # one launch, no zeroing: each candidate block scans every chosen pair of its cloud
         grad_p2 = torch.empty_like(b)
         nqb = _cdiv(P1, bq) if want_p1 else 0

@@ -215,25 +215,23 @@ _INTERP_SCRIPT = textwrap.dedent(
 )
 
 
-def _start_interpreter_run():
-    # one thread: the job runs beside the other tests (conftest.py starts it with the session's first test).
-    # (trainer_utils is imported here, not at the top: the job itself imports this module for its references)
-    from trainer_utils import BackgroundJob
-
+def _interpreter_run(folder: Path):
+    """The interpreter job (a trainer_utils background job: it runs beside the session's other tests)."""
+    # one thread: the job has one core to itself while this process's tests use the other
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return BackgroundJob([sys.executable, "-c", _INTERP_SCRIPT, str(REPO), str(REPO / "tests")], env)
+    return [sys.executable, "-c", _INTERP_SCRIPT, str(REPO), str(REPO / "tests")], env, {}
 
 
-BACKGROUND_JOBS = {"interp_report": _start_interpreter_run} if HAVE_TRITON else {}
+BACKGROUND_JOBS = {"interp_report": _interpreter_run} if HAVE_TRITON else {}
 
 
 @pytest.fixture(scope="module")
 def interp_report():
     if not HAVE_TRITON:
         pytest.skip("triton is not importable on this machine")
-    from trainer_utils import background_job
+    from trainer_utils import background_job  # not at the top: the job itself imports this module
 
-    rc, out, err = background_job("interp_report", _start_interpreter_run).result(timeout=300)
+    rc, out, err = background_job("interp_report", _interpreter_run).result(timeout=900)
     assert rc == 0, f"interpreter run failed:\n{out[-3000:]}\n{err[-6000:]}"
     line = [ln for ln in out.splitlines() if ln.startswith("JSON")][-1]
     return json.loads(line[4:])

@@ -934,20 +934,35 @@ def test_notice_is_the_documented_last_line_and_the_run_folder_is_kept(case, tmp
     assert before and files() == before  # summary.json and the checkpoints as they were
 
 
-def test_cli_error_in_a_real_process_from_a_dataloader_worker(tmp_path, good_frames):
+def _dataloader_worker_error_run(folder: Path):
+    """A trainer_utils background job (it runs beside the session's other tests): png-truncated, in a real
+    process, with the bad frame read in a DataLoader worker."""
+    from trainer_utils import python, script_env
+
+    _good_frames(folder / "frames")
+    _replace_frame(folder, "truncated")
+    argv = _case_argv(folder, "png-truncated") + ["data.num_workers=1"]
+    return [python(), "scripts/train.py", *argv], script_env({ckpt.FSYNC_ENV: "0"}), {}
+
+
+BACKGROUND_JOBS = {"dataloader_worker_error_run": _dataloader_worker_error_run}
+
+
+@pytest.fixture
+def dataloader_worker_error_run():
+    from trainer_utils import background_job
+
+    job = background_job("dataloader_worker_error_run", _dataloader_worker_error_run)
+    rc, _, err = job.result(timeout=900)
+    return rc, err.replace(str(job.folder), "<tmp>")
+
+
+def test_cli_error_in_a_real_process_from_a_dataloader_worker(dataloader_worker_error_run):
     """The same contract from a real process, with the bad frame read in a DataLoader worker (whose error
     arrives wrapped in the worker's traceback text) and a progress bar open when it fails."""
-    import shutil
-
-    from trainer_utils import python, run_script
-
-    shutil.copytree(good_frames, tmp_path / "frames")
-    _replace_frame(tmp_path, "truncated")
-    argv = _case_argv(tmp_path, "png-truncated") + ["data.num_workers=1"]
-    r = run_script([python(), "scripts/train.py", *argv], env_extra={ckpt.FSYNC_ENV: "0"}, timeout=180)
-    err = r.stderr.replace(str(tmp_path), "<tmp>")
+    rc, err = dataloader_worker_error_run
     lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert r.returncode == 2 and "Traceback" not in err, err
+    assert rc == 2 and "Traceback" not in err, err
     assert lines[-1] == "error: " + documented_errors()["png-truncated"], err
 
 

@@ -9,7 +9,8 @@ import torch
 from protodepth.config import ConfigError
 from protodepth.errors import CheckpointError
 from protodepth.train import train
-from trainer_utils import PICTURES, REPO, override_args, python, run_script, tiny_config, tiny_overrides
+from trainer_utils import (PICTURES, background_job, override_args, python, script_env, tiny_config,
+                           tiny_overrides)
 
 
 def reset_accelerate() -> None:
@@ -100,20 +101,43 @@ def test_wandb_offline_run_holds_the_logged_keys(tmp_path, monkeypatch):
     assert b"not_a_logged_key" not in data
 
 
-def test_missing_data_folder_is_one_clear_error(tmp_path):
-    o = tiny_overrides(tmp_path, **{"data.source": "synthia", "data.root": str(tmp_path / "no-such-folder")})
-    r = run_script([python(), "scripts/train.py", *override_args(o)], timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert lines[-1].startswith("error:") and "no-such-folder" in lines[-1], r.stderr
-    assert "Traceback" not in r.stderr
+# Two commands that must fail with one clear line, run in real processes beside the other tests (background
+# jobs of trainer_utils: the session starts them with its first test)
+def _missing_data_run(folder: Path):
+    o = tiny_overrides(folder, **{"data.source": "synthia", "data.root": str(folder / "no-such-folder")})
+    return [python(), "scripts/train.py", *override_args(o)], script_env(), {}
 
 
-def test_bad_config_value_on_the_command_line_is_one_clear_error(tmp_path):
-    r = run_script([python(), "scripts/train.py", "train.mixed_precision=fp8"], timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: train.mixed_precision")
-    assert "Traceback" not in r.stderr
+def _bad_config_run(folder: Path):
+    return [python(), "scripts/train.py", "train.mixed_precision=fp8"], script_env(), {}
+
+
+BACKGROUND_JOBS = {"missing_data_run": _missing_data_run, "bad_config_run": _bad_config_run}
+
+
+@pytest.fixture
+def missing_data_run():
+    return background_job("missing_data_run", _missing_data_run).result(timeout=900)
+
+
+@pytest.fixture
+def bad_config_run():
+    return background_job("bad_config_run", _bad_config_run).result(timeout=900)
+
+
+def test_missing_data_folder_is_one_clear_error(missing_data_run):
+    rc, _, err = missing_data_run
+    assert rc == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error:") and "no-such-folder" in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_bad_config_value_on_the_command_line_is_one_clear_error(bad_config_run):
+    rc, _, err = bad_config_run
+    assert rc == 2
+    assert err.strip().splitlines()[-1].startswith("error: train.mixed_precision")
+    assert "Traceback" not in err
 
 
 def test_bf16_run_tracks_the_fp32_run(tmp_path):

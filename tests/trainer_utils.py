@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import queue
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from protodepth.config import Config, load_config
@@ -62,13 +65,19 @@ def override_args(overrides: dict) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
-def run_script(args: list[str], env_extra: dict | None = None, timeout: float = 300, cwd: Path | None = None):
-    """Run a command with the repo's Python environment; returns CompletedProcess (text)."""
+def script_env(env_extra: dict | None = None) -> dict:
+    """The environment run_script gives a command: this one, unbuffered, one thread, quiet W&B."""
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
     env.pop("WANDB_MODE", None)
     env.update(env_extra or {})
-    return subprocess.run(args, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_script(args: list[str], env_extra: dict | None = None, timeout: float = 300, cwd: Path | None = None):
+    """Run a command with the repo's Python environment; returns CompletedProcess (text)."""
+    return subprocess.run(args, cwd=cwd or REPO, env=script_env(env_extra), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def python() -> str:
@@ -137,50 +146,91 @@ def launch_machines(overrides: dict, workdirs: list[Path], timeout: float = 240)
 
 # ------------------------------------------------------------------------- background jobs (a second CPU lane)
 
-# The suite runs one test at a time, and most of its in-process tests keep only about one of the two cores busy.
-# A long subprocess whose result a fixture reads (e.g. the Triton-interpreter run of test_knn_triton.py) can run
-# beside them: its module declares BACKGROUND_JOBS = {fixture name: start}, start() returning a started
-# BackgroundJob; conftest.py starts the job with the session's first test when a selected test uses that
-# fixture, and the fixture calls background_job(its name, start) to get it (started then, if not yet).
-_BACKGROUND: dict = {}
+# The suite runs one test at a time, and its in-process tests keep one core busy (conftest.py: one thread). A
+# subprocess whose result a fixture only reads (the Triton-interpreter run of test_knn_triton.py, a command that
+# must fail with one clear line) can run on the other core meanwhile: its module declares
+# BACKGROUND_JOBS = {fixture name: spec}, spec(folder) -> (argv, env, extra Popen arguments), given an empty
+# folder of its own; conftest.py queues the jobs of the fixtures the selected tests use, in the order of those
+# tests, with the session's first test; one lane thread runs them one after the other; the fixture calls
+# background_job(its name, spec).result(timeout) (which queues the job then, if the session did not).
 
 
 class BackgroundJob:
-    """A subprocess writing its stdout and stderr to files (no pipe to fill up while nobody reads it)."""
+    """One queued subprocess; stdout and stderr go to files (no pipe to fill up while nobody reads it)."""
 
-    def __init__(self, args: list[str], env: dict):
+    def __init__(self, spec):
+        self.spec, self.proc, self.error = spec, None, None
+        self.rc, self.out, self.err, self.folder = None, "", "", None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        """In the lane thread: set up, run to the end (at most 600 s), keep the outputs."""
         import tempfile
 
-        self.folder = Path(tempfile.mkdtemp(prefix="protodepth-test-job-"))
-        self.out_path, self.err_path = self.folder / "stdout", self.folder / "stderr"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix="protodepth-test-job-"))
+            args, env, extra = self.spec(self.folder)
+            with open(self.folder / "stdout", "w") as out, open(self.folder / "stderr", "w") as err:
+                self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err, text=True, **extra)
+                self.rc = self.proc.wait(timeout=600)
+            self.out, self.err = (self.folder / "stdout").read_text(), (self.folder / "stderr").read_text()
+        except BaseException as e:  # handed to the test by result()
+            self.error = e
+            self.stop()
+        finally:
+            self.done.set()
 
     def result(self, timeout: float) -> tuple[int, str, str]:
-        """Wait for the job: (exit code, stdout, stderr); killed and an AssertionError after `timeout` s."""
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.end()
-            raise AssertionError(f"background job {self.proc.args[:3]} ran past {timeout:.0f} s")
-        return rc, self.out_path.read_text(), self.err_path.read_text()
+        """Wait for the job (queued or running): (exit code, stdout, stderr)."""
+        if not self.done.wait(timeout):
+            raise AssertionError(f"background job {self.spec.__name__} not done after {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.rc, self.out, self.err
 
-    def end(self) -> None:
-        import shutil
-
-        if self.proc.poll() is None:
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def background_job(name: str, start) -> BackgroundJob:
-    if name not in _BACKGROUND:
-        _BACKGROUND[name] = start()
-    return _BACKGROUND[name]
+class _Lane:
+    def __init__(self):
+        self.jobs: dict[str, BackgroundJob] = {}
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, name: str, spec) -> BackgroundJob:
+        if name not in self.jobs:
+            self.jobs[name] = BackgroundJob(spec)
+            self.queue.put(self.jobs[name])
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._work, daemon=True)
+                self.thread.start()
+        return self.jobs[name]
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            job.run()
+
+    def end(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            for job in self.jobs.values():
+                job.stop()
+            self.thread.join(timeout=30)
+        for job in self.jobs.values():
+            if job.folder is not None:
+                shutil.rmtree(job.folder, ignore_errors=True)
+        self.__init__()
+
+
+_LANE = _Lane()
+
+
+def background_job(name: str, spec) -> BackgroundJob:
+    return _LANE.submit(name, spec)
 
 
 def end_background_jobs() -> None:
-    for job in _BACKGROUND.values():
-        job.end()
-    _BACKGROUND.clear()
+    _LANE.end()

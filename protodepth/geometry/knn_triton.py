@@ -98,6 +98,103 @@ if triton is not None:
         return tl.where(cmask[:, None], dist, float("inf"))
 
     @triton.jit
+    def _box_lower_bound(p1_base, Q_SD, Q_SQ, q, qmask, box, D: tl.constexpr, NORM: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """(BLOCK_Q,) lower bound of each query's distance to the points of the box (lo, hi) at box (2, D)."""
+        lb = tl.zeros((BLOCK_Q,), ACC)
+        for d in tl.static_range(D):
+            a = tl.load(p1_base + d * Q_SD + q * Q_SQ, mask=qmask, other=0.0).to(ACC)
+            lo = tl.load(box + d)
+            hi = tl.load(box + D + d)
+            gap = tl.maximum(tl.maximum(lo - a, a - hi), 0.0)
+            if NORM == 2:
+                lb += gap * gap
+            else:
+                lb += gap
+        return lb
+
+    @triton.jit
+    def _nearest_update(dist, oidx, c0, best1_d, best1_i, SORTED: tl.constexpr):
+        """K = 1: the tile's (BLOCK_C, BLOCK_Q) distances of candidates oidx against the running best per query."""
+        BIG: tl.constexpr = 2147483647
+        if SORTED:
+            m = tl.min(dist, 0)
+            mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
+            upd = (m < best1_d) | ((m == best1_d) & (mi < best1_i))
+        else:
+            # candidates arrive in index order: the first minimum of a later tile never wins a tie
+            m, arg = tl.min(dist, 0, return_indices=True, return_indices_tie_break_left=True)
+            mi = c0 + arg
+            upd = m < best1_d
+        return tl.where(upd, m, best1_d), tl.where(upd, mi, best1_i)
+
+    @triton.jit
+    def _topk_insert(dist, oidx, best_d, best_i, K: tl.constexpr):
+        """K > 1: insert the tile's candidates that beat a query's K-th best into its (KP, BLOCK_Q) top-K slots."""
+        BIG: tl.constexpr = 2147483647
+        kth = tl.max(best_d, 0)
+        hits = (dist <= kth[None, :]).to(tl.int32)
+        n_ins = tl.minimum(tl.max(tl.sum(hits, 0), 0), K)
+        for _ in range(n_ins):
+            # next tile candidate in (dist, idx) order
+            m = tl.min(dist, 0)
+            mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
+            # it evicts the worst slot, (dist, idx)-largest, when it is smaller in that order
+            mx = tl.max(best_d, 0)
+            at_mx = best_d == mx[None, :]
+            ev = tl.max(tl.where(at_mx, best_i, -BIG), 0)
+            ins = (m < mx) | ((m == mx) & (mi < ev))
+            sel = at_mx & (best_i == ev[None, :]) & ins[None, :]
+            best_d = tl.where(sel, m[None, :], best_d)
+            best_i = tl.where(sel, mi[None, :], best_i)
+            dist = tl.where((dist == m[None, :]) & (oidx[:, None] == mi[None, :]), float("inf"), dist)
+        return best_d, best_i
+
+    @triton.jit
+    def _store_slot(dist_ptr, idx_ptr, off, row_ok, valid, d, i, FINAL: tl.constexpr):
+        """One slot per query at off: (d, i) where valid, else PyTorch3D's (0, 0) (FINAL) or the merge's (+inf, -1)."""
+        if FINAL:
+            out_d = tl.where(valid, d, 0.0)
+            out_i = tl.where(valid, i, 0)
+        else:
+            out_d = tl.where(valid, d, float("inf"))
+            out_i = tl.where(valid, i, -1)
+        tl.store(dist_ptr + off, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(idx_ptr + off, out_i.to(idx_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _store_topk(dist_ptr, idx_ptr, off, row_ok, qmask, L2, best_d, best_i, K: tl.constexpr, KP: tl.constexpr,
+                    FINAL: tl.constexpr):
+        """The K slots (KP, BLOCK_Q) of each query in ascending (dist, idx) order to rows at off (BLOCK_Q,)."""
+        BIG: tl.constexpr = 2147483647
+        slot = tl.arange(0, KP)
+        bd = tl.where(slot[:, None] < K, best_d, float("inf"))
+        # a runtime loop, not unrolled: unrolling K extraction steps made K=32..128 compile for minutes
+        for k in range(K):
+            # ascending (dist, idx) order: smallest distance, then smallest index among equals
+            m = tl.min(bd, 0)
+            at_m = bd == m[None, :]
+            i_sel = tl.min(tl.where(at_m, best_i, BIG), 0)
+            bd = tl.where(at_m & (best_i == i_sel[None, :]), float("inf"), bd)
+            valid = qmask & (k < L2) & (m < float("inf"))
+            _store_slot(dist_ptr, idx_ptr, off + k, row_ok, valid, m, i_sel, FINAL)
+
+    @triton.jit
+    def _ticket_merge(cnt_ptr, pd_ptr, pi_ptr, dist_ptr, idx_ptr, n, num_n, S, q, L1, L2, P1,
+                      K: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """Take this program's ticket of its query tile (counter at cnt_ptr); the last of the tile's S programs
+        resets the counter and merges the S partial rows into dist / idx."""
+        # every thread's partial rows are written before this program's ticket is taken; the ticket's
+        # acquire-release atomic (with the barrier: the usual "last block" pattern) makes the other programs'
+        # rows visible to the one that takes the last ticket
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == S - 1:
+            # every program of the tile has counted: back to zero for the next launch that uses these counters
+            tl.atomic_xchg(cnt_ptr, 0)
+            _merge_rows(pd_ptr, pi_ptr, dist_ptr, idx_ptr, n, num_n, q, L1, L2, S, P1, K, KP, BLOCK_Q)
+
+    @triton.jit
     def _knn_fwd_kernel(
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
         fin_d_ptr, fin_i_ptr, cnt_ptr,
@@ -174,16 +271,7 @@ if triton is not None:
                 tile = tl.load(order_ptr + lbase + j).to(tl.int32)
                 c0 = tile * BLOCK_C
                 box = box_ptr + (n.to(tl.int64) * T2 + tile) * (2 * D)
-                lb = tl.zeros((BLOCK_Q,), ACC)
-                for d in tl.static_range(D):
-                    a = tl.load(p1_base + d * Q_SD + q * Q_SQ, mask=qmask, other=0.0).to(ACC)
-                    lo = tl.load(box + d)
-                    hi = tl.load(box + D + d)
-                    gap = tl.maximum(tl.maximum(lo - a, a - hi), 0.0)
-                    if NORM == 2:
-                        lb += gap * gap
-                    else:
-                        lb += gap
+                lb = _box_lower_bound(p1_base, Q_SD, Q_SQ, q, qmask, box, D, NORM, ACC, BLOCK_Q)
                 if K == 1:
                     kth = best1_d
                 else:
@@ -202,34 +290,9 @@ if triton is not None:
                 else:
                     oidx = c
                 if K == 1:
-                    if SORTED:
-                        m = tl.min(dist, 0)
-                        mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
-                        upd = (m < best1_d) | ((m == best1_d) & (mi < best1_i))
-                    else:
-                        # candidates arrive in index order: the first minimum of a later tile never wins a tie
-                        m, arg = tl.min(dist, 0, return_indices=True, return_indices_tie_break_left=True)
-                        mi = c0 + arg
-                        upd = m < best1_d
-                    best1_d = tl.where(upd, m, best1_d)
-                    best1_i = tl.where(upd, mi, best1_i)
+                    best1_d, best1_i = _nearest_update(dist, oidx, c0, best1_d, best1_i, SORTED)
                 else:
-                    kth = tl.max(best_d, 0)
-                    hits = (dist <= kth[None, :]).to(tl.int32)
-                    n_ins = tl.minimum(tl.max(tl.sum(hits, 0), 0), K)
-                    for _ in range(n_ins):
-                        # next tile candidate in (dist, idx) order
-                        m = tl.min(dist, 0)
-                        mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
-                        # it evicts the worst slot, (dist, idx)-largest, when it is smaller in that order
-                        mx = tl.max(best_d, 0)
-                        at_mx = best_d == mx[None, :]
-                        ev = tl.max(tl.where(at_mx, best_i, -BIG), 0)
-                        ins = (m < mx) | ((m == mx) & (mi < ev))
-                        sel = at_mx & (best_i == ev[None, :]) & ins[None, :]
-                        best_d = tl.where(sel, m[None, :], best_d)
-                        best_i = tl.where(sel, mi[None, :], best_i)
-                        dist = tl.where((dist == m[None, :]) & (oidx[:, None] == mi[None, :]), inf, dist)
+                    best_d, best_i = _topk_insert(dist, oidx, best_d, best_i, K)
             j += 1
             if SORTED:
                 # later tiles are no nearer than this bound: stop once it exceeds every query's K-th best
@@ -251,42 +314,12 @@ if triton is not None:
             q_out = q
         if K == 1:
             valid = qmask & (L2 > 0) & (best1_d < inf)
-            if FINAL:
-                out_d = tl.where(valid, best1_d, 0.0)
-                out_i = tl.where(valid, best1_i, 0)
-            else:
-                out_d = tl.where(valid, best1_d, inf)
-                out_i = tl.where(valid, best1_i, -1)
-            tl.store(dist_ptr + out_base + q_out, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
-            tl.store(idx_ptr + out_base + q_out, out_i.to(idx_ptr.dtype.element_ty), mask=row_ok)
+            _store_slot(dist_ptr, idx_ptr, out_base + q_out, row_ok, valid, best1_d, best1_i, FINAL)
         else:
-            bd = tl.where(slot[:, None] < K, best_d, inf)
-            # a runtime loop, not unrolled: unrolling K extraction steps made K=32..128 compile for minutes
-            for k in range(K):
-                # ascending (dist, idx) order: smallest distance, then smallest index among equals
-                m = tl.min(bd, 0)
-                at_m = bd == m[None, :]
-                i_sel = tl.min(tl.where(at_m, best_i, BIG), 0)
-                bd = tl.where(at_m & (best_i == i_sel[None, :]), inf, bd)
-                valid = qmask & (k < L2) & (m < inf)
-                if FINAL:
-                    out_d = tl.where(valid, m, 0.0)
-                    out_i = tl.where(valid, i_sel, 0)
-                else:
-                    out_d = tl.where(valid, m, inf)
-                    out_i = tl.where(valid, i_sel, -1)
-                tl.store(dist_ptr + out_base + q_out * K + k, out_d.to(dist_ptr.dtype.element_ty), mask=row_ok)
-                tl.store(idx_ptr + out_base + q_out * K + k, out_i.to(idx_ptr.dtype.element_ty), mask=row_ok)
+            _store_topk(dist_ptr, idx_ptr, out_base + q_out * K, row_ok, qmask, L2, best_d, best_i, K, KP, FINAL)
         if TICKET:
-            # every thread's partial rows are written before this program's ticket is taken; the ticket's
-            # acquire-release atomic (with the barrier: the usual "last block" pattern) makes the other programs'
-            # rows visible to the one that takes the last ticket
-            tl.debug_barrier()
-            ticket = tl.atomic_add(cnt_ptr + n * T1 + pid_q, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_s - 1:
-                # every program of the tile has counted: back to zero for the next launch that uses these counters
-                tl.atomic_xchg(cnt_ptr + n * T1 + pid_q, 0)
-                _merge_rows(dist_ptr, idx_ptr, fin_d_ptr, fin_i_ptr, n, num_n, q, L1, L2, num_s, P1, K, KP, BLOCK_Q)
+            _ticket_merge(cnt_ptr + n * T1 + pid_q, dist_ptr, idx_ptr, fin_d_ptr, fin_i_ptr, n, num_n, num_s, q, L1,
+                          L2, P1, K, KP, BLOCK_Q)
 
     @triton.jit
     def _bbox_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, part_ptr, P1, P2, CH1, CH2,

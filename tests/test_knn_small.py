@@ -246,6 +246,23 @@ def test_fast_launch_falls_back_to_the_ordinary_path_when_the_launcher_refuses(m
     assert not _triton_launch.enabled()
 
 
+@pytest.mark.parametrize("version,env,on", [("3.6.0", None, True), ("3.8.0", None, False), ("3.8.0", "1", True),
+                                             ("3.6.0", "0", False)])
+def test_fast_launch_is_on_only_for_verified_triton_releases_unless_forced(monkeypatch, version, env, on):
+    """The compiled launcher's calling convention changes between Triton releases: an unverified release takes
+    Triton's ordinary (always correct) path unless PROTODEPTH_TRITON_FAST_LAUNCH forces the shortcut."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if env is None:
+        monkeypatch.delenv("PROTODEPTH_TRITON_FAST_LAUNCH", raising=False)
+    else:
+        monkeypatch.setenv("PROTODEPTH_TRITON_FAST_LAUNCH", env)
+    assert _triton_launch._default_on() is on
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA
 

@@ -9,9 +9,13 @@ point Triton's own tutorials use), which only reads the pointers.
 
 The key (`arg_key`) holds everything Triton specialises on: each tensor's dtype and 16-byte alignment, each
 integer's width, divisibility by 16 and equality to 1, and the compile-time values. Under TRITON_INTERPRET=1
-there is no compiled kernel and every call takes the ordinary path. `PROTODEPTH_TRITON_FAST_LAUNCH=0` (read
-at import) switches the shortcut off; a launcher that refuses the call (another Triton's signature) switches
-it off for the process and the ordinary path runs instead.
+there is no compiled kernel and every call takes the ordinary path.
+
+The compiled kernel's launcher is not a stable Triton API: its arguments have changed between releases, and a
+launcher that took the wrong arguments without refusing them would compute garbage. So the shortcut is on only
+for the Triton releases it was checked on (`VERIFIED_TRITON`, CUDA tests on an H200); elsewhere every launch
+takes Triton's ordinary path. `PROTODEPTH_TRITON_FAST_LAUNCH=0` or `=1` (read at import) forces it off or on; a
+launcher that refuses the call (TypeError) switches it off for the process and the ordinary path runs instead.
 """
 from __future__ import annotations
 
@@ -19,8 +23,23 @@ import os
 
 import torch
 
-_enabled = [os.environ.get("PROTODEPTH_TRITON_FAST_LAUNCH", "1") != "0" and
-            os.environ.get("TRITON_INTERPRET", "0") != "1"]
+VERIFIED_TRITON = ("3.6.",)  # release prefixes whose compiled launcher this calling convention was tested on
+
+
+def _default_on() -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    forced = os.environ.get("PROTODEPTH_TRITON_FAST_LAUNCH")
+    if forced is not None:
+        return forced != "0"
+    try:
+        import triton
+    except ImportError:
+        return False
+    return triton.__version__.startswith(VERIFIED_TRITON)
+
+
+_enabled = [_default_on()]
 _compiled: dict = {}
 _current_device = torch.cuda.current_device
 _I32 = 1 << 31

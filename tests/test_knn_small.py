@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -102,15 +101,25 @@ _INTERP_SCRIPT = textwrap.dedent(
 )
 
 
+def _interpreter_run(folder: Path):
+    """The interpreter job, a trainer_utils background job: it runs beside the session's other tests."""
+    # one thread: the job has one core to itself while the pytest process uses the other
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-c", _INTERP_SCRIPT, str(REPO), str(REPO / "tests")], env, {}
+
+
+BACKGROUND_JOBS = {"interp_small": _interpreter_run} if HAVE_TRITON else {}
+
+
 @pytest.fixture(scope="module")
 def interp_small():
     if not HAVE_TRITON:
         pytest.skip("triton is not importable on this machine")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT, str(REPO), str(REPO / "tests")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1]
+    from trainer_utils import background_job
+
+    rc, out, err = background_job("interp_small", _interpreter_run).result(timeout=900)
+    assert rc == 0, f"interpreter run failed:\n{out[-3000:]}\n{err[-6000:]}"
+    line = [ln for ln in out.splitlines() if ln.startswith("JSON")][-1]
     return json.loads(line[4:])
 
 

@@ -101,20 +101,7 @@ def time_graph(impl, N, P1, P2, K, dtype, rep_ms=200.0, seed=0):
         d, _ = impl(a, b, l1, l2, K, 2)
         return torch.autograd.grad(d.sum(), (a, b))
 
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fwd_bwd()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fwd_bwd()
-    except Exception as exc:  # host syncs are illegal while capturing
-        print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
-        torch.cuda.synchronize()
-        return None
-    return _bench(graph.replay, rep_ms)
+    return _graph_ms(fwd_bwd, rep_ms)
 
 
 def launches(impl, N, P1, P2, K, dtype, calls=5):
@@ -306,8 +293,8 @@ def _graph_ms(step, rep_ms: float):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-    except Exception as exc:
-        print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+    except Exception as exc:  # host syncs are illegal while capturing
+        print(f"graph capture failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
         torch.cuda.synchronize()
         return None
     return _bench(graph.replay, rep_ms)

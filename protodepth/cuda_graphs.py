@@ -30,6 +30,7 @@ accumulation, no fp16 grad scaler; `blocker()` below is the one place that says 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -100,10 +101,8 @@ class GraphedStep:
     def _run(self, key: tuple):
         s = self.static
         outputs, loss = self.step_fn(s["image"], s["cloud"], s["lengths"], key, self.gen)
-        if self.grad_sync is not None and self.grad_sync.overlap:
-            with self.grad_sync.reduce_during_backward():  # captured: the all-reduces become part of the graph
-                loss.backward()
-        else:
+        # captured with overlap: the all-reduces become part of the graph
+        with nullcontext() if self.grad_sync is None else self.grad_sync.backward_block():
             loss.backward()
         # Detached: an output that still holds the autograd graph keeps its AccumulateGrad nodes alive, and a
         # node made on the warm-up stream then runs the next (captured) backward's accumulation on that stream.

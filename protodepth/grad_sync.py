@@ -186,6 +186,16 @@ class FlatGrads:
         launcher.finish()
         launcher.note_reached()
 
+    def backward_block(self, group: dist.ProcessGroup | None = None):
+        """The block to run a backward in: `reduce_during_backward` with `overlap`, else a plain block (the
+        owner then calls `after_backward`). The one place that reads `overlap`."""
+        return self.reduce_during_backward(group) if self.overlap else contextlib.nullcontext()
+
+    def after_backward(self, group: dist.ProcessGroup | None = None) -> None:
+        """Average now, unless the backward already did (`overlap`)."""
+        if not self.overlap:
+            self.all_reduce_mean_(group)
+
     def numel(self) -> int:
         """Elements in all buffers, alignment padding included."""
         return sum(b.numel() for b in self.buffers.values())

@@ -1,5 +1,6 @@
 """FlatGrads / broadcast_params_ (protodepth/grad_sync.py): gradient averaging without DDP, checked against DDP
 with 2 CPU processes over gloo."""
+import contextlib
 import copy
 import socket
 import time
@@ -418,3 +419,16 @@ def test_captured_overlapped_all_reduce_averages_like_an_all_reduce_after_the_ba
         assert torch.equal(a, b)
     # the steps differ in data, so a replay that ignored its input would fail here
     assert not torch.equal(ranks[0][0]["replayed"][0], ranks[0][1]["replayed"][0])
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_decides_whether_averaging_happens_in_the_backward_or_after_it(monkeypatch, overlap):
+    grads = FlatGrads(Net().parameters(), overlap=overlap)
+    calls = []
+    monkeypatch.setattr(grads, "all_reduce_mean_", lambda group=None: calls.append("after"))
+    monkeypatch.setattr(grads, "reduce_during_backward", lambda group=None: calls.append("during") or
+                        contextlib.nullcontext())
+    with grads.backward_block():
+        pass
+    grads.after_backward()
+    assert calls == (["during"] if overlap else ["after"])

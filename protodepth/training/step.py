@@ -12,6 +12,7 @@ replay, while the graph can hold FlatGrads' all-reduces).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -88,15 +89,11 @@ class TrainStep:
             return self.graphed(batch["image"], batch["cloud"], batch["lengths"], level, seed)
         self.gen.manual_seed(seed)
         (scene, res), total = self.forward_loss(batch["image"], batch["cloud"], batch["lengths"], level, self.gen)
-        if self._reduce_in_backward() and self.accelerator.sync_gradients:  # the window's last backward
-            with self.grad_sync.reduce_during_backward():
-                self.accelerator.backward(total)
-        else:
+        # FlatGrads averages during the accumulation window's last backward (or after it, without overlap)
+        sync = self.grad_sync is not None and self.accelerator.sync_gradients
+        with self.grad_sync.backward_block() if sync else nullcontext():
             self.accelerator.backward(total)
         return scene, res
-
-    def _reduce_in_backward(self) -> bool:
-        return self.grad_sync is not None and self.grad_sync.overlap
 
     def __call__(self, batch: dict, step: int, epoch: int) -> StepOutput:
         """One micro-batch of optimizer step `step + 1` (`step` steps done)."""
@@ -127,8 +124,8 @@ class TrainStep:
         if self.deepspeed:  # the engine clipped (optim.grad_clip, on its plugin) and stepped inside backward
             norm = self.model.get_global_grad_norm()
             return None if norm is None else torch.as_tensor(float(norm), dtype=torch.float64)
-        if self.grad_sync is not None and not self._reduce_in_backward():
-            self.grad_sync.all_reduce_mean_()
+        if self.grad_sync is not None:
+            self.grad_sync.after_backward()
         if self.accelerator.scaler is not None:
             self.accelerator.unscale_gradients()
         norm = grad_norm(self.params)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -508,10 +509,12 @@ if triton is not None:
         """Query tile t1's box against every candidate tile's box: lower bounds sorted ascending into lbs (N, T1, T2)
         and the tiles in that order into order (N, T1, T2) int32, in one program (ties by tile index).
 
-        The sort runs in registers on int64 keys (fp32 bits of the bound << 32 | tile): non-negative floats order
-        like their bits. For fp64 boxes the bound is rounded down to fp32 first and lbs holds that rounded value,
-        still a lower bound and still ascending, so the early exit stays exact. Replaces a torch.sort of the
-        (N, T1, T2) table that took 0.46 ms of 1.6 at 32 x 20 000 x 16 000.
+        The sort runs in registers on int32 keys: the bound's fp32 bits (non-negative floats order like their bits)
+        with the low log2(T2P) mantissa bits replaced by the tile index. Dropping those bits rounds the bound down
+        (at most 2^-11 relative for 4096 tiles), so lbs, which holds the truncated values, is still a lower bound
+        and still ascending: the early exit stays exact. For fp64 boxes the bound is rounded down to fp32 first.
+        int32 keys halve the registers and the data each bitonic stage moves against the int64 keys (bits << 32 |
+        tile) of v7, which took 0.455 ms per call at 32 x 20 000 x 16 000.
         """
         t1 = tl.program_id(0)
         n = tl.program_id(1)
@@ -534,10 +537,11 @@ if triton is not None:
         bits = l32.to(tl.int32, bitcast=True)
         if F64:
             bits = tl.where(l32.to(tl.float64) > lb, bits - 1, bits)  # round down: stays a lower bound
-        key = tl.sort((bits.to(tl.int64) << 32) | t.to(tl.int64))
+        # -T2P is ~(T2P - 1): the high bits of the bound; +inf keeps its bits (its mantissa is zero)
+        key = tl.sort((bits & -T2P) | t)
         out = (n.to(tl.int64) * T1 + t1) * T2 + t
-        tl.store(order_ptr + out, (key & 0xFFFFFFFF).to(tl.int32), mask=tm)
-        lbs = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        tl.store(order_ptr + out, key & (T2P - 1), mask=tm)
+        lbs = (key & -T2P).to(tl.float32, bitcast=True)
         tl.store(lbs_ptr + out, lbs.to(ACC), mask=tm)
 
     @triton.jit
@@ -945,65 +949,108 @@ def _coord_major(x: torch.Tensor, padded: int) -> torch.Tensor:
     return out
 
 
-def _spatial_sort(p1, p2, l1, l2, bq: int, bc: int, norm: int):
-    """Spatially sorted copies and the tables the SORTED kernel reads: 5 Triton launches, a zeroing and a cumsum,
-    no host sync (a torch.sort here cost ~14 launches, and launches are what small and mid-size calls pay for).
+class SortedTiles(NamedTuple):
+    """One cloud sorted for the SORTED search kernel (made by `sort_tiles`).
 
-    Returns p1s (N, D, T1*bq), p2s (N, D, T2*bc) coordinate-major in the compute dtype (valid points first, in the
-    order of the cells of a Morton curve of the first min(D, 3) coordinates over both clouds' joint box; points of
-    one cell in any order; entries past P unwritten), perm1 (N, P1) / perm2 (N, P2) int32 original indices,
-    box (N, T2, 2, D) candidate tile boxes, order (N, T1, T2) candidate tiles of each query tile by ascending
-    box-to-box lower bound (int32; int64 beyond _MAX_SORT_TILES tiles), lbs (N, T1, T2) those bounds (+inf for
-    empty tiles).
-    Memory O(N (P1 + P2) D + N T1 T2): T1 T2 = P1 P2 / (bq bc), a thousand times less than a distance matrix.
+    xs (N, D, T*tile) coordinate-major copy in the compute dtype: each cloud's valid points first, in the order of the
+    cells of a Morton curve of the first min(D, 3) coordinates (points of one cell in any order), entries past P
+    unwritten; perm (N, P) int32: the original index at each sorted position; box (N, T, 2, D): each tile's bounding
+    box (lo, hi) of valid points, (+inf, -inf) when empty; lengths (N,) integer: the valid points the sort used.
     """
-    N, P1, D = p1.shape
-    P2 = p2.shape[1]
-    dev = p1.device
-    acc_t, acc = _out_dtype(p1.dtype), _acc_dtype(p1.dtype)
+
+    xs: torch.Tensor
+    perm: torch.Tensor
+    box: torch.Tensor
+    lengths: torch.Tensor
+    tile: int
+
+
+# Morton bits per axis for the counting sort; None: chosen from the cloud sizes (_morton_bits). Benchmarks set it.
+_MORTON_BITS = None
+
+
+def _morton_bits(segments: int, pmax: int) -> int:
+    """Bits per axis: cells much smaller than a tile on typical clouds, at most 2^24 counters over all segments."""
+    if _MORTON_BITS is not None:
+        return _MORTON_BITS
+    bits = 5 if pmax > 4096 else 4
+    while bits > 2 and segments * ((1 << (3 * bits)) + 1) > (1 << 24):
+        bits -= 1
+    return bits
+
+
+def sort_tiles(a, la, tile_a: int, b=None, lb=None, tile_b: int = 0):
+    """Counting sort of cloud a (N, P1, D) (and of b (N, P2, D) in the same launches when given) along a Morton
+    curve over their joint box -> (SortedTiles of a, SortedTiles of b or None).
+
+    5 Triton launches, a zeroing and a cumsum whether one cloud or two, no host sync (a torch.sort here cost ~14
+    launches). la, lb (N,) integer lengths on the device, clamped by the kernels.
+    """
+    N, P1, D = a.shape
+    two = b is not None
+    if not two:  # the two-cloud kernels with an empty second cloud
+        b, lb, tile_b = a, la, tile_a
+    P2 = b.shape[1] if two else 0
+    dev = a.device
+    acc_t, acc = _out_dtype(a.dtype), _acc_dtype(a.dtype)
     dm, dp = min(D, 3), _next_pow2(D)
-    a, b = p1.detach().contiguous(), p2.detach().contiguous()
+    a = a.detach().contiguous()
+    b = b.detach().contiguous() if two else a
+    if N * (P1 + P2) >= (1 << 31):  # sorted positions are int32
+        raise ValueError(f"p1, p2: N * (P1 + P2) = {N * (P1 + P2)} too large for spatial_sort=True; use False")
     # partial boxes over NCH chunks of both clouds, reduced inside the Morton kernel
     nch = max(1, min(64, _cdiv(max(P1, P2), 2048)))
     part = torch.empty((N, nch, 2, dp), dtype=acc_t, device=dev)
-    _run(_bbox_kernel, (nch, N), a, b, l1, l2, part, P1, P2, _cdiv(P1, nch), _cdiv(P2, nch),
-                           D=D, DM=dm, DP=dp, ACC=acc, BLOCK=256)
-    if N * (P1 + P2) >= (1 << 31):  # sorted positions are int32
-        raise ValueError(f"p1, p2: N * (P1 + P2) = {N * (P1 + P2)} too large for spatial_sort=True; use False")
-    # counting sort of every cloud of both sides at once: 2N segments of 2^(3B) Morton cells (+1 for padding);
-    # cells much smaller than a tile on typical clouds, a few hundred thousand counters at most
-    bits = 5 if max(P1, P2) > 4096 else 4
-    while bits > 2 and 2 * N * ((1 << (3 * bits)) + 1) > (1 << 24):
-        bits -= 1
+    _run(_bbox_kernel, (nch, N), a, b, la, lb, part, P1, P2, _cdiv(P1, nch), _cdiv(P2, nch),
+         D=D, DM=dm, DP=dp, ACC=acc, BLOCK=256)
+    # counting sort of every cloud of both sides at once: 2N segments of 2^(3B) Morton cells (+1 for padding)
+    segs = (2 if two else 1) * N
+    bits = _morton_bits(segs, max(P1, P2))
     nbk = (1 << (3 * bits)) + 1
-    cnt = torch.zeros(2 * N * nbk, dtype=torch.int32, device=dev)
+    cnt = torch.zeros(segs * nbk, dtype=torch.int32, device=dev)
     bkt = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
     nb1, nb2 = _cdiv(P1, 1024), _cdiv(P2, 1024)
-    _run(_bucket_kernel, (nb1 + nb2, N), a, b, l1, l2, part, bkt, cnt, P1, P2, nb1, nch, B=bits, D=D, DM=dm, DP=dp,
-                                   NCHP=_next_pow2(nch), ACC=acc, BLOCK=1024)
+    _run(_bucket_kernel, (nb1 + nb2, N), a, b, la, lb, part, bkt, cnt, P1, P2, nb1, nch, B=bits, D=D, DM=dm, DP=dp,
+         NCHP=_next_pow2(nch), ACC=acc, BLOCK=1024)
     ends = torch.cumsum(cnt, 0, dtype=torch.int32)
-    T1, T2 = _cdiv(P1, bq), _cdiv(P2, bc)
-    p1s = torch.empty((N, D, T1 * bq), dtype=acc_t, device=dev)
-    p2s = torch.empty((N, D, T2 * bc), dtype=acc_t, device=dev)
+    T1, T2 = _cdiv(P1, tile_a), _cdiv(P2, tile_b)
+    xs1 = torch.empty((N, D, T1 * tile_a), dtype=acc_t, device=dev)
+    xs2 = torch.empty((N, D, T2 * tile_b), dtype=acc_t, device=dev) if two else xs1
     lperm = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
     nb1, nb2 = _cdiv(P1, 256), _cdiv(P2, 256)
-    _run(_scatter_kernel, (nb1 + nb2, N), a, b, bkt, ends, lperm, p1s, p2s, P1, P2, T1 * bq, T2 * bc, nb1,
-                                    B=bits, D=D, DP=dp, ACC=acc, BLOCK=256)
-    qbox = torch.empty((N, T1, 2, D), dtype=acc_t, device=dev)
-    box = torch.empty((N, T2, 2, D), dtype=acc_t, device=dev)
-    _run(_tile_box_kernel, (T1 + T2, N), p1s, p2s, l1, l2, qbox, box, P1, P2, T1 * bq, T2 * bc, T1, T2, D=D, DP=dp,
-                                   TILE1=bq, TILE2=bc)
-    perm1, perm2 = lperm[:N * P1].view(N, P1), lperm[N * P1:].view(N, P2)
-    lbs = torch.empty((N, T1, T2), dtype=acc_t, device=dev)
+    _run(_scatter_kernel, (nb1 + nb2, N), a, b, bkt, ends, lperm, xs1, xs2, P1, P2, T1 * tile_a, T2 * tile_b, nb1,
+         B=bits, D=D, DP=dp, ACC=acc, BLOCK=256)
+    box1 = torch.empty((N, T1, 2, D), dtype=acc_t, device=dev)
+    box2 = torch.empty((N, T2, 2, D), dtype=acc_t, device=dev) if two else box1
+    _run(_tile_box_kernel, (T1 + T2, N), xs1, xs2, la, lb, box1, box2, P1, P2, T1 * tile_a, T2 * tile_b, T1, T2,
+         D=D, DP=dp, TILE1=tile_a, TILE2=tile_b)
+    s1 = SortedTiles(xs1, lperm[:N * P1].view(N, P1), box1, la, tile_a)
+    s2 = SortedTiles(xs2, lperm[N * P1:].view(N, P2), box2, lb, tile_b) if two else None
+    return s1, s2
+
+
+# num_warps of _tile_order_kernel by padded row length; None: 4 up to 1024 tiles, else 8. Benchmarks set it.
+_ORDER_WARPS = None
+
+
+def tile_order(qs: SortedTiles, cs: SortedTiles, norm: int):
+    """The candidate tiles of cs for each query tile of qs, by ascending box-to-box lower bound: (order (N, T1, T2)
+    int32 (int64 beyond _MAX_SORT_TILES tiles), lbs (N, T1, T2) those bounds, +inf for empty tiles). One launch."""
+    N, T1, _, D = qs.box.shape
+    T2 = cs.box.shape[1]
+    acc_t = qs.box.dtype
+    acc = _acc_dtype(acc_t)
+    lbs = torch.empty((N, T1, T2), dtype=acc_t, device=qs.box.device)
     t2p = _next_pow2(T2)
     if t2p <= _MAX_SORT_TILES:
-        order = torch.empty((N, T1, T2), dtype=torch.int32, device=dev)
-        _run(_tile_order_kernel, (T1, N), qbox, box, lbs, order, T1, T2, D=D, NORM=norm, ACC=acc,
-                                    F64=acc_t == torch.float64, T2P=t2p, num_warps=4 if t2p <= 1024 else 8)
+        order = torch.empty((N, T1, T2), dtype=torch.int32, device=qs.box.device)
+        warps = _ORDER_WARPS or (4 if t2p <= 1024 else 8)
+        _run(_tile_order_kernel, (T1, N), qs.box, cs.box, lbs, order, T1, T2, D=D, NORM=norm, ACC=acc,
+             F64=acc_t == torch.float64, T2P=t2p, num_warps=warps)
     else:  # a row too long for one program's registers
-        _run(_tile_lb_kernel, (T1, N), qbox, box, lbs, T1, T2, D=D, NORM=norm, ACC=acc, BLOCK_T=256)
+        _run(_tile_lb_kernel, (T1, N), qs.box, cs.box, lbs, T1, T2, D=D, NORM=norm, ACC=acc, BLOCK_T=256)
         lbs, order = torch.sort(lbs, dim=2)
-    return p1s, p2s, perm1, perm2, box, order, lbs
+    return order, lbs
 
 
 def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
@@ -1035,12 +1082,13 @@ def _check_inputs(p1, p2, lengths1, lengths2, K, norm):
 
 
 def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None, splits=None, num_warps=None,
-                 spatial_sort=None):
+                 spatial_sort=None, presorted=None):
     """(dists (N, P1, K) fp32 (fp64 for fp64 inputs), idx (N, P1, K) int64), sorted ascending, PyTorch3D padding.
 
     lengths (N,) integer tensors on p1's device; the kernels clamp them to [0, P1] / [0, P2]. Launches: small brute
     force problems 1 (candidates read in place; candidate splits merged in the kernel, its tickets kept per
-    stream), larger ones + 1 candidate copy; the sorted path about 9. No host sync.
+    stream), larger ones + 1 candidate copy; the sorted path about 9, 2 with `presorted` (SortedTiles of p1 and of
+    p2, made with these lengths: only the tile order and the search are left). No host sync.
     """
     N, P1, D = p1.shape
     P2 = p2.shape[1]
@@ -1049,12 +1097,20 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     if N == 0 or P1 == 0:
         return torch.zeros(N, P1, K, dtype=out_dtype, device=dev), torch.zeros(N, P1, K, dtype=torch.int64, device=dev)
     l1, l2 = lengths1, lengths2
-    bq, bc, S, chunk, warps, sort, rows = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits, num_warps,
-                                                          spatial_sort)
+    if presorted is not None:
+        s1, s2 = presorted
+        bq, bc, S, chunk, sort, rows = s1.tile, s2.tile, 1, 0, True, False
+        warps = num_warps or max(1, bq // 32)
+    else:
+        bq, bc, S, chunk, warps, sort, rows = _forward_config(N, P1, P2, K, D, dev, block_q, block_c, splits,
+                                                              num_warps, spatial_sort)
     p1d = p1.detach()
     T1 = _cdiv(P1, bq)
     if sort and P2 > 0:
-        p1c, p2c, perm1, perm2, box, order, lbs = _spatial_sort(p1d, p2.detach(), l1, l2, bq, bc, norm)
+        if presorted is None:
+            s1, s2 = sort_tiles(p1d, l1, bq, p2.detach(), l2, bc)
+        order, lbs = tile_order(s1, s2, norm)
+        p1c, p2c, perm1, perm2, box = s1.xs, s2.xs, s1.perm, s2.perm, s2.box
         T2 = order.shape[2]
         p1n, q_sd, q_sq, p2s = D * p1c.shape[2], p1c.shape[2], 1, p2c.shape[2]
     else:
@@ -1184,8 +1240,8 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
 
 class _KnnPointsTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p1, p2, lengths1, lengths2, K, norm, tiling):
-        dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, *tiling)
+    def forward(ctx, p1, p2, lengths1, lengths2, K, norm, tiling, presorted=None):
+        dists, idx = _knn_forward(p1, p2, lengths1, lengths2, K, norm, *tiling, presorted=presorted)
         ctx.save_for_backward(p1, p2, lengths1, lengths2, idx)
         ctx.norm = norm
         ctx.mark_non_differentiable(idx)
@@ -1195,11 +1251,11 @@ class _KnnPointsTriton(torch.autograd.Function):
     def backward(ctx, grad_dists, grad_idx):
         want_p1, want_p2 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_dists is None or not (want_p1 or want_p2):
-            return (None,) * 7
+            return (None,) * 8
         p1, p2, lengths1, lengths2, idx = ctx.saved_tensors
         # only what autograd asks for: in a Chamfer term one cloud is often data without gradient
         g1, g2 = _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, ctx.norm, want_p1, want_p2)
-        return (g1, g2) + (None,) * 5
+        return (g1, g2) + (None,) * 6
 
 
 def knn_points_triton(
@@ -1273,3 +1329,14 @@ def knn_points_validated(p1: torch.Tensor, p2: torch.Tensor, lengths1: torch.Ten
     if p2.dtype != p1.dtype:
         raise ValueError(f"p1 and p2 must share a float dtype (fp32/fp16/bf16/fp64), got {p1.dtype}, {p2.dtype}")
     return _KnnPointsTriton.apply(p1, p2, lengths1, lengths2, K, norm, _DEFAULT_TILING)
+
+
+def knn_points_presorted(p1: torch.Tensor, p2: torch.Tensor, s1: SortedTiles, s2: SortedTiles, K: int,
+                         norm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """knn_points_validated for clouds already sorted by `sort_tiles`: s1 of p1 (its tile = the query tile), s2 of
+    p2 (the candidate tile), each with the lengths it was sorted with (used here). The search then costs 2 launches
+    (tile order, search); a cloud sorted once serves both directions of a Chamfer term. K <= 32 (the candidate
+    tile holds the running top-K of 32-point tiles in registers)."""
+    if not 1 <= K <= 32:
+        raise ValueError(f"K: expected an integer in [1, 32] for presorted clouds, got {K!r}")
+    return _KnnPointsTriton.apply(p1, p2, s1.lengths, s2.lengths, K, norm, _DEFAULT_TILING, (s1, s2))

@@ -1,0 +1,121 @@
+"""Sort a point cloud once, search it several times: the two KNN directions of a Chamfer term.
+
+`knn_points(p1, p2)` on CUDA sorts both clouds along a Morton curve (5 Triton launches, a zeroing and a cumsum)
+before its pruned search. A Chamfer loss searches the same two clouds twice (p1 -> p2 and p2 -> p1), so it sorted
+each cloud twice; and a target cloud that does not depend on the model can be sorted before the model runs (on a
+side stream, beside the backbone). Here a cloud is sorted once:
+
+    tgt = sort_cloud(target, lengths)            # (B, N, 3): may run early, on another stream
+    prd = sort_cloud(pred)                       # (B, M, 3)
+    s = knn_points_sorted(prd, tgt, K=1)         # = knn_points(pred, target, lengths2=lengths, K=1)
+    g = knn_points_sorted(tgt, prd, K=3)         # = knn_points(target, pred, lengths1=lengths, K=3)
+
+Each search then costs 2 launches (tile order, search) plus its backward. The results equal `knn_points`' (indices
+too, except between candidates at exactly equal distance, where both return the lower index; gradients the same
+kernels). Where the sorted path does not apply (CPU, no Triton, torch.compile tracing, small clouds, K > 32, D > 16)
+`sort_cloud` keeps the cloud unsorted and `knn_points_sorted` is `knn_points`.
+
+Streams: a cloud sorted on one stream and searched on another needs the usual care: the searching stream waits for
+the sorting one, and `SortedCloud.tensors()` (the points, lengths and the sort's buffers) are record_stream'ed on
+it, or kept alive otherwise, until it is done.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_norm, check_points, check_same_batch, check_same_last_dim
+from .knn import KNN, _lengths, _use_triton, knn_gather, knn_points
+
+__all__ = ["SortedCloud", "sort_cloud", "knn_points_sorted"]
+
+# clouds with fewer points (N * P) stay unsorted: their searches are small enough for the one-launch brute force
+SORT_MIN_POINTS = 1 << 16
+
+
+class SortedCloud:
+    """A padded cloud (points (N, P, D), lengths (N,) int64) and, where the sorted search applies, its Morton-sorted
+    copy (`knn_triton.SortedTiles`). Made by `sort_cloud`."""
+
+    __slots__ = ("points", "lengths", "tiles", "_given")
+
+    def __init__(self, points: torch.Tensor, lengths: torch.Tensor, tiles, given: bool):
+        self.points, self.lengths, self.tiles, self._given = points, lengths, tiles, given
+
+    @property
+    def is_sorted(self) -> bool:
+        return self.tiles is not None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a search of this cloud reads (points, lengths, the sorted copy and its tables)."""
+        out = (self.points, self.lengths)
+        if self.tiles is not None:
+            out += (self.tiles.xs, self.tiles.perm, self.tiles.box)
+        return out
+
+    def lengths_arg(self) -> Optional[torch.Tensor]:
+        """The lengths as `knn_points` takes them: None where the caller gave none (all points valid)."""
+        return self.lengths if self._given else None
+
+
+def _sortable(points: torch.Tensor, sort: Optional[bool]) -> bool:
+    if sort is False or torch.compiler.is_compiling() or not _use_triton():
+        return False
+    from .knn_triton import MAX_D, _interpreting
+
+    # CPU tensors only under Triton's interpreter, and only when asked (tests)
+    if not (points.is_cuda or (sort and _interpreting())):
+        return False
+
+    n, p, d = points.shape
+    if d > MAX_D or n * p >= (1 << 30):
+        return False
+    return bool(sort) or n * p >= SORT_MIN_POINTS
+
+
+def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None
+               ) -> SortedCloud:
+    """points (N, P, D) padded, lengths (N,) integer valid points per cloud (None: all) -> SortedCloud.
+
+    On CUDA with Triton the cloud is sorted here (no host sync; capturable in a CUDA graph) when sort is True, or
+    when sort is None and N * P >= SORT_MIN_POINTS. The points are not copied: the result keeps them, and gradients
+    of `knn_points_sorted` flow into them.
+    """
+    check_points("points", points, "(N, P, D)")
+    n, p, _ = points.shape
+    given = lengths is not None
+    lengths = _lengths("lengths", lengths, n, p, points.device)
+    tiles = None
+    if _sortable(points, sort):
+        from .knn_triton import _interpreting, sort_tiles
+
+        pts = points if points.is_contiguous() else points.contiguous()
+        tiles = sort_tiles(pts, lengths, 16 if _interpreting() else 32)[0]
+    return SortedCloud(points, lengths, tiles, given)
+
+
+def knn_points_sorted(p1: SortedCloud, p2: SortedCloud, K: int = 1, norm: int = 2, return_nn: bool = False) -> KNN:
+    """K nearest neighbours in p2 of every point of p1: `knn_points(p1.points, p2.points, p1's lengths, p2's
+    lengths, norm=norm, K=K, return_nn=return_nn)`, through the clouds' sorted copies when both have one.
+
+    Returns KNN(dists (N, P1, K), idx (N, P1, K) int64, knn (N, P1, K, D) or None), differentiable in p1.points and
+    p2.points, PyTorch3D's padding (see knn.py).
+    """
+    a, b = p1.points, p2.points
+    plain_k = not isinstance(K, int) or isinstance(K, bool) or not 1 <= K <= 32
+    if p1.tiles is None or p2.tiles is None or plain_k or torch.compiler.is_compiling():
+        return knn_points(a, b, p1.lengths_arg(), p2.lengths_arg(), norm=norm, K=K, return_nn=return_nn)
+    check_same_batch("p1", a, "p2", b)
+    check_same_last_dim("p1", a, "p2", b)
+    check_norm(norm)
+    if a.device != b.device:
+        raise ValueError(f"p2: expected a tensor on {a.device} (p1's device), got one on {b.device}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"p2: expected dtype {a.dtype} (p1's), got {b.dtype}")
+    from .knn_triton import knn_points_presorted
+
+    dists, idx = knn_points_presorted(a if a.is_contiguous() else a.contiguous(),
+                                      b if b.is_contiguous() else b.contiguous(), p1.tiles, p2.tiles, K, norm)
+    nn = knn_gather(b, idx, p2.lengths) if return_nn else None
+    return KNN(dists=dists, idx=idx, knn=nn)

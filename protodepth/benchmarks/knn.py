@@ -6,6 +6,7 @@ forward+backward (gradients of dists.sum() w.r.t. both clouds), as the median of
 a CUDA graph and replayed (what the trainer's captured step pays: no launch or Python cost). Prints a markdown
 table beside PyTorch3D's anchors (`knn_points`, float32, one H100, from the original system's measurements) and,
 with --out, writes JSON. `--profile`: device work items per call and per-kernel times; `--host`: cProfile.
+`--step-pair`: the training step's two searches as the step runs them (knn_pair.py).
 `--compare --impl LABEL=module:function ...`: several implementations timed in one process on the same inputs
 (eager fwd, eager fwd+bwd, graphed fwd+bwd) with their agreement (indices that differ where distances do not tie,
 gradients); any importable knn with PyTorch3D's `knn_points` call convention can be the reference.
@@ -402,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio-to", default=None, metavar="LABEL",
                     help="--compare: speed-ups relative to this implementation (default: the last --impl)")
     ap.add_argument("--no-graphs", action="store_true", help="--compare: skip the CUDA-graph replays")
+    from protodepth.benchmarks import knn_pair
+
+    knn_pair.add_arguments(ap)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmark.py knn: needs a CUDA GPU (none visible)", file=sys.stderr)
@@ -410,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     from protodepth.geometry.knn_triton import knn_points_triton
 
     gpu = torch.cuda.get_device_name()
+    if args.step_pair:
+        return knn_pair.main(args)
     if args.compare:
         args.impl = args.impl or ["protodepth"]
         if args.shapes == list(SHAPES):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """protodepth benchmarks: `python scripts/benchmark.py BENCHMARK [options]`.
 
-Each benchmark lives in `protodepth/benchmarks/<name>.py` and reproduces one section of BENCHMARKS.md;
+Each benchmark lives in `protodepth/benchmarks/<name>.py` (`compile`: compile_step.py) and reproduces one section of BENCHMARKS.md;
 `python scripts/benchmark.py BENCHMARK --help` lists its options.
 """
 from __future__ import annotations
@@ -19,7 +19,9 @@ BENCHMARKS = {
     "data": "loading throughput against DataLoader workers: PNG decoding against the preprocessed cache",
     "step": "the full training step against the ResNet-50-only step, per shape and precision (GPU)",
     "scaling": "data-parallel throughput under `accelerate launch` (DDP or DeepSpeed; --cpu-smoke on a CPU)",
+    "compile": "the step's forward + loss under torch.compile (default, reduce-overhead) against the CUDA graph (GPU)",
 }
+MODULES = {"compile": "compile_step"}  # benchmark -> module in protodepth/benchmarks, where the names differ
 
 
 def usage() -> str:
@@ -38,7 +40,7 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"name a benchmark first: one of {', '.join(BENCHMARKS)} (--help says what each measures)")
     if argv[0] not in BENCHMARKS:
         raise ConfigError(f"{argv[0]!r} is an unknown benchmark; choose one of {', '.join(BENCHMARKS)}")
-    module = importlib.import_module(f"protodepth.benchmarks.{argv[0]}")
+    module = importlib.import_module(f"protodepth.benchmarks.{MODULES.get(argv[0], argv[0])}")
     return module.main(argv[1:]) or 0
 
 

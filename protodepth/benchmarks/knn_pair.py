@@ -16,7 +16,8 @@ Variants (`--variants`): `base` (an older knn_triton module given by --base, e.g
 tree's `knn_points`), `sorted` (this tree's `sort_cloud` + `knn_points_sorted`: each cloud sorted once, the target's
 sort in the timed work on a third stream), `presorted` (the same with the target sorted outside the timed work:
 what a step that sorts it beside the backbone pays), `sorted-force` (sort_cloud(sort=True): the sorted path also
-where `sort_cloud` would keep small clouds unsorted).
+where `sort_cloud` would keep small clouds unsorted). A sorted variant ending in `-t64` / `-p64` sorts the target /
+pred in 64-point tiles (query tiles of 2 warps where that cloud holds the queries).
 """
 from __future__ import annotations
 
@@ -85,14 +86,18 @@ class Pair:
         self.side, self.third = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
         self.full1 = torch.full((pred.shape[0],), pred.shape[1], dtype=torch.int64, device=dev)
         self.tgt_sorted = None
-        if variant == "presorted":
+        # "-tNN" / "-pNN": the target's / pred's tile size in the sorted variants (default 32)
+        parts = variant.split("-")
+        self.tiles = {p[0]: int(p[1:]) for p in parts[1:] if p[:1] in "tp" and p[1:].isdigit()}
+        self.kind = parts[0] if parts[0] != "sorted" or "force" not in parts else "sorted-force"
+        if self.kind == "presorted":
             from protodepth.geometry.knn_sorted import sort_cloud
 
-            self.tgt_sorted = sort_cloud(target, lengths)
+            self.tgt_sorted = sort_cloud(target, lengths, tile=self.tiles.get("t"))
 
     def _directions(self):
         """(slot fn, global fn, target sort or None): the two searches of this variant as closures."""
-        v, pred, target, lengths = self.variant, self.pred, self.target, self.lengths
+        v, pred, target, lengths = self.kind, self.pred, self.target, self.lengths
         if v == "base":
             f = self.base.knn_points_validated
             return (lambda: f(pred, target, self.full1, lengths, 1, 2)[0],
@@ -108,7 +113,7 @@ class Pair:
         box = {}
 
         def sort_target():
-            box["t"] = self.tgt_sorted or sort_cloud(target, lengths, sort=force)
+            box["t"] = self.tgt_sorted or sort_cloud(target, lengths, sort=force, tile=self.tiles.get("t"))
 
         def slot():
             return knn_points_sorted(box["p"], box["t"], K=1).dists
@@ -117,7 +122,7 @@ class Pair:
             return knn_points_sorted(box["t"], box["p"], K=K_GLOBAL).dists
 
         def sort_pred():
-            box["p"] = sort_cloud(pred, sort=force)
+            box["p"] = sort_cloud(pred, sort=force, tile=self.tiles.get("p"))
 
         self._sort_pred = sort_pred
         return slot, glob, sort_target
@@ -243,7 +248,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--step-pair", action="store_true", help="time the training step's KNN pair (see knn_pair.py)")
     ap.add_argument("--pair-shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--variants", nargs="+", default=["base", "plain", "sorted", "presorted"],
-                    choices=["base", "plain", "sorted", "presorted", "sorted-force"])
+                    help="base, plain, sorted, presorted, sorted-force; the sorted ones may end in -tNN / -pNN: the "
+                         "target's / pred's tile size (32 or 64; default 32)")
     ap.add_argument("--base", default=None, metavar="MODULE",
                     help="--step-pair: a knn_triton module to time as `base` (e.g. a copy of an older tree's)")
     ap.add_argument("--no-profile", action="store_true", help="--step-pair: skip the per-kernel profile")

@@ -74,14 +74,18 @@ def _sortable(points: torch.Tensor, sort: Optional[bool]) -> bool:
     return bool(sort) or n * p >= SORT_MIN_POINTS
 
 
-def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None
-               ) -> SortedCloud:
+def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None,
+               tile: Optional[int] = None) -> SortedCloud:
     """points (N, P, D) padded, lengths (N,) integer valid points per cloud (None: all) -> SortedCloud.
 
     On CUDA with Triton the cloud is sorted here (no host sync; capturable in a CUDA graph) when sort is True, or
     when sort is None and N * P >= SORT_MIN_POINTS. The points are not copied: the result keeps them, and gradients
-    of `knn_points_sorted` flow into them.
+    of `knn_points_sorted` flow into them. tile: points per tile of the sorted search, 32 or 64 (None: 32; 16 under
+    Triton's interpreter): the query tile where this cloud holds the queries (32 points per warp), the candidate
+    tile where it holds the candidates.
     """
+    if tile is not None and tile not in (16, 32, 64):
+        raise ValueError(f"tile: expected 16, 32 or 64, got {tile!r}")
     check_points("points", points, "(N, P, D)")
     n, p, _ = points.shape
     given = lengths is not None
@@ -91,7 +95,7 @@ def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sor
         from .knn_triton import _interpreting, sort_tiles
 
         pts = points if points.is_contiguous() else points.contiguous()
-        tiles = sort_tiles(pts, lengths, 16 if _interpreting() else 32)[0]
+        tiles = sort_tiles(pts, lengths, tile or (16 if _interpreting() else 32))[0]
     return SortedCloud(points, lengths, tiles, given)
 
 

@@ -12,7 +12,8 @@ non-finite guard, fused Adam, the learning rate) staying the trainer's eager tai
   max-autotune-no-cudagraphs: the same with that mode (slow to compile: not in the default list).
 Per mode: the first step's wall time (for the compiled modes the compile of forward and backward), the wall time
 of the remaining warm-up steps (CUDA graph recording), compiled graphs, graph breaks, CUDA-graph skips, the median
-step time after warm-up (CUDA events), samples/s, peak memory and the ratio to the graphed step.
+step time after warm-up (CUDA events), samples/s, peak memory, the ratio to the graphed step, and the relative
+difference between the compiled and the eager loss of one forward (same weights, same draws).
 Exit 1 with one line if a compile took longer than --max-compile-s, broke the graph, or compiled again later.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gc
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +121,7 @@ class Row:
     samples_per_s: float
     peak_gib: float
     late_graphs: int = 0  # graphs compiled during the timed steps (recompiles)
+    loss_rel_diff: float | None = None  # |compiled loss - eager loss| / |eager loss|, same weights and draws
 
 
 def _dynamo_counts() -> tuple[int, int, int]:
@@ -158,6 +161,8 @@ def bench_mode(name: str, mode: str, args, device) -> Row:
     med = statistics.median(times)
     row = Row(name, mode, first, warm, graphs, breaks, skips, med, B / med,
               torch.cuda.max_memory_allocated() / 2**30, _dynamo_counts()[0] - graphs)
+    if mode != "graph":
+        row.loss_rel_diff = loss_against_eager(step, batch)
     if args.compile_times and mode != "graph":
         print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
     del step, batch
@@ -165,6 +170,23 @@ def bench_mode(name: str, mode: str, args, device) -> Row:
     torch._dynamo.reset()  # frees reduce-overhead's graph pools before the next mode
     torch.cuda.empty_cache()
     return row
+
+
+def loss_against_eager(step, batch: dict) -> float:
+    """|compiled - eager| / |eager| of the total loss of one forward on `batch`, same weights, same draws (batch
+    norm normalises by the batch in training mode, so its running statistics, updated by both, do not matter)."""
+    from protodepth.geometry import capture_mode
+
+    cf = step._forward_backward
+    level = step.levels(0)
+    draws = cf.draws(batch, level, seed=0)
+    args = (batch["image"], batch["cloud"], batch["lengths"], level, draws)
+    if cf.mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+    with capture_mode():
+        got = float(cf.fn(*args)[1].total.detach())
+        want = float(cf.forward_loss(*args)[1].total.detach())
+    return abs(got - want) / abs(want)
 
 
 def problems(row: Row, max_compile_s: float) -> list[str]:
@@ -184,16 +206,17 @@ def problems(row: Row, max_compile_s: float) -> list[str]:
 
 
 HEADER = ("| shape | mode | first step s (compile) | other warm-up s | graphs | breaks | cudagraph skips | "
-          "median ms/step | samples/s | peak GiB | step / graph step |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "median ms/step | samples/s | peak GiB | step / graph step | loss vs eager |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def format_row(row: Row, reference: Row | None) -> str:
     B, K, H, W, N = SHAPES[row.shape]
     ratio = f"{row.median_s / reference.median_s:.2f}" if reference is not None else "-"
+    diff = "-" if row.loss_rel_diff is None else f"{row.loss_rel_diff:.1e}"
     return (f"| B={B} K=P={K} {H}x{W} N={N} | {row.mode} | {row.first_s:.1f} | {row.warmup_s:.1f} | {row.graphs} | "
             f"{row.breaks} | {row.cudagraph_skips} | {row.median_s * 1e3:.2f} | {row.samples_per_s:.0f} | "
-            f"{row.peak_gib:.2f} | {ratio} |")
+            f"{row.peak_gib:.2f} | {ratio} | {diff} |")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -235,8 +258,9 @@ def main(argv: list[str]) -> int:
             except Exception as e:  # a graph break under fullgraph=True, a failed recording: the table goes on
                 msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 failures.append(f"{name} {mode}: {type(e).__name__}: {msg}")
+                traceback.print_exc(file=sys.stdout)  # the log is all a remote run leaves
                 print(f"| {name} | {mode} | failed after {time.time() - t0:.0f} s: {type(e).__name__} | "
-                      "| | | | | | | |", flush=True)
+                      "| | | | | | | | |", flush=True)
                 gc.collect()
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """protodepth benchmarks: `python scripts/benchmark.py BENCHMARK [options]`.
 
-Each benchmark lives in `protodepth/benchmarks/<name>.py` (`compile`: compile_step.py) and reproduces one section of BENCHMARKS.md;
-`python scripts/benchmark.py BENCHMARK --help` lists its options.
+Each benchmark lives in `protodepth/benchmarks/<name>.py` (`compile`: compile_step.py) and reproduces one section
+of BENCHMARKS.md; `python scripts/benchmark.py BENCHMARK --help` lists its options.
 """
 from __future__ import annotations
 

@@ -81,9 +81,10 @@ def interp_report():
 
 def test_interpreter_presorted_clouds_equal_two_plain_calls(interp_report):
     """The Triton sorted path (sort_tiles once per cloud, both directions) against knn_points_triton's own sort:
-    same indices and distances, bit-identical gradients, padding of both clouds, K = 1 and 3."""
+    same indices and distances, bit-identical gradients, padding of both clouds, K = 1 and 3; through
+    _knn_fwd_kernel and through the latency-arranged _knn_walk3_kernel."""
     rows = {k: v for k, v in interp_report.items() if k.startswith("presorted/")}
-    assert len(rows) == 2, sorted(interp_report)
+    assert len(rows) == 4, sorted(interp_report)
     for name, r in rows.items():
         assert r["sorted"], f"{name}: sort_cloud(sort=True) kept the cloud unsorted under the interpreter"
         assert r["idx_equal"] and r["dists_equal"], f"{name}: {r}"

@@ -323,6 +323,121 @@ if triton is not None:
                           L2, P1, K, KP, BLOCK_Q)
 
     @triton.jit
+    def _pair_dist3(a0, a1, a2, b0, b1, b2, NORM: tl.constexpr):
+        """(BLOCK_C, BLOCK_Q) distances of 3-D queries (a0, a1, a2) and candidates (b0, b1, b2), summed over d in the
+        order _tile_dists uses (the same roundings)."""
+        diff = a0[None, :] - b0[:, None]
+        if NORM == 2:
+            dist = diff * diff
+        else:
+            dist = tl.abs(diff)
+        diff = a1[None, :] - b1[:, None]
+        if NORM == 2:
+            dist += diff * diff
+        else:
+            dist += tl.abs(diff)
+        diff = a2[None, :] - b2[:, None]
+        if NORM == 2:
+            dist += diff * diff
+        else:
+            dist += tl.abs(diff)
+        return dist
+
+    @triton.jit
+    def _box_bound3(a0, a1, a2, box, NORM: tl.constexpr):
+        """(BLOCK_Q,) lower bound of each 3-D query's distance to the box (lo, hi) at box (2, 3)."""
+        g0 = tl.maximum(tl.maximum(tl.load(box) - a0, a0 - tl.load(box + 3)), 0.0)
+        g1 = tl.maximum(tl.maximum(tl.load(box + 1) - a1, a1 - tl.load(box + 4)), 0.0)
+        g2 = tl.maximum(tl.maximum(tl.load(box + 2) - a2, a2 - tl.load(box + 5)), 0.0)
+        if NORM == 2:
+            return g0 * g0 + g1 * g1 + g2 * g2
+        return g0 + g1 + g2
+
+    @triton.jit
+    def _knn_walk3_kernel(
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
+        P1, P2, Q_SD, P2S, T1, T2,
+        K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """The SORTED walk of _knn_fwd_kernel for D = 3 (one split, PyTorch3D padding written directly), arranged for
+        memory latency: the queries are loaded once, the next entry of the tile list (tile and bound) is loaded one
+        step ahead, and a tile's box, candidates and original indices are requested together before the box test
+        decides whether the candidates are used. The walk in _knn_fwd_kernel waits for order -> box -> bound ->
+        candidates, three dependent round trips per tile. Same arguments and results as _knn_fwd_kernel with
+        SORTED, FINAL and Q_SQ = 1 (p1 the sorted coordinate-major copy (N, 3, Q_SD))."""
+        pid_q = tl.program_id(0)
+        n = tl.program_id(1)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        BIG: tl.constexpr = 2147483647
+        SHRINK: tl.constexpr = 1.0 - 1.0 / 1048576.0
+        inf = float("inf")
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = q < L1
+        slot = tl.arange(0, KP)
+        cols = tl.arange(0, BLOCK_C)
+        p1_base = p1_ptr + n.to(tl.int64) * 3 * Q_SD
+        p2_base = p2_ptr + n.to(tl.int64) * P2S * 3
+        perm2_base = perm2_ptr + n.to(tl.int64) * P2
+        a0 = tl.load(p1_base + q, mask=qmask, other=0.0).to(ACC)
+        a1 = tl.load(p1_base + Q_SD + q, mask=qmask, other=0.0).to(ACC)
+        a2 = tl.load(p1_base + 2 * Q_SD + q, mask=qmask, other=0.0).to(ACC)
+        if K == 1:
+            best1_d = tl.full((BLOCK_Q,), inf, ACC)
+            best1_i = tl.full((BLOCK_Q,), BIG, tl.int32)
+        else:
+            best_d = tl.where(slot[:, None] < K, tl.full((KP, BLOCK_Q), inf, ACC), -inf)
+            best_i = tl.zeros((KP, BLOCK_Q), tl.int32) - 1 - slot[:, None]
+        n_steps = tl.cdiv(L2, BLOCK_C)
+        if pid_q * BLOCK_Q >= L1:
+            n_steps = 0
+        lbase = (n.to(tl.int64) * T1 + pid_q) * T2
+        tile = tl.load(order_ptr + lbase, mask=n_steps > 0, other=0).to(tl.int32)
+        j = 0
+        go_on = n_steps > 0
+        while go_on:
+            # issued together: this tile's box, candidates and indices, and the next list entry
+            c = tile * BLOCK_C + cols
+            cmask = c < L2
+            b0 = tl.load(p2_base + c).to(ACC)
+            b1 = tl.load(p2_base + P2S + c).to(ACC)
+            b2 = tl.load(p2_base + 2 * P2S + c).to(ACC)
+            oidx = tl.load(perm2_base + c, mask=cmask, other=0).to(tl.int32)
+            more = j + 1 < n_steps
+            nxt_tile = tl.load(order_ptr + lbase + j + 1, mask=more, other=0).to(tl.int32)
+            nxt_lb = tl.load(lbs_ptr + lbase + j + 1, mask=more, other=inf)
+            lb = _box_bound3(a0, a1, a2, box_ptr + (n.to(tl.int64) * T2 + tile) * 6, NORM)
+            if K == 1:
+                kth = best1_d
+            else:
+                kth = tl.max(best_d, 0)
+            # <= keeps tiles that could hold an equal distance with a lower original index
+            if tl.max(tl.where(qmask & (lb * SHRINK <= kth), 1, 0), 0) > 0:
+                dist = tl.where(cmask[:, None], _pair_dist3(a0, a1, a2, b0, b1, b2, NORM), inf)
+                if K == 1:
+                    best1_d, best1_i = _nearest_update(dist, oidx, 0, best1_d, best1_i, True)
+                else:
+                    best_d, best_i = _topk_insert(dist, oidx, best_d, best_i, K)
+            j += 1
+            if K == 1:
+                kth = best1_d
+            else:
+                kth = tl.max(best_d, 0)
+            thr = tl.max(tl.where(qmask, kth, -inf), 0)
+            # later tiles are no nearer than this bound: stop once it exceeds every query's K-th best
+            go_on = more & (nxt_lb * SHRINK <= thr)
+            tile = nxt_tile
+        row_ok = q < P1
+        q_out = tl.load(perm1_ptr + n.to(tl.int64) * P1 + q, mask=row_ok, other=0)
+        out_base = n.to(tl.int64) * P1 * K
+        if K == 1:
+            valid = qmask & (L2 > 0) & (best1_d < inf)
+            _store_slot(dist_ptr, idx_ptr, out_base + q_out, row_ok, valid, best1_d, best1_i, True)
+        else:
+            _store_topk(dist_ptr, idx_ptr, out_base + q_out * K, row_ok, qmask, L2, best_d, best_i, K, KP, True)
+
+    @triton.jit
     def _bbox_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, part_ptr, P1, P2, CH1, CH2,
                      D: tl.constexpr, DM: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         """Partial joint box of both clouds' valid points: program (c, n) covers rows [c*CH, (c+1)*CH) of each cloud
@@ -965,6 +1080,9 @@ class SortedTiles(NamedTuple):
     tile: int
 
 
+# 3-D sorted searches through _knn_walk3_kernel (the latency-arranged walk); False: _knn_fwd_kernel. Benchmarks set it.
+_WALK3 = os.environ.get("PROTODEPTH_KNN_WALK3", "0") == "1"
+
 # Morton bits per axis for the counting sort; None: chosen from the cloud sizes (_morton_bits). Benchmarks set it.
 _MORTON_BITS = None
 
@@ -1029,7 +1147,9 @@ def sort_tiles(a, la, tile_a: int, b=None, lb=None, tile_b: int = 0):
     return s1, s2
 
 
-# num_warps of _tile_order_kernel by padded row length; None: 4 up to 1024 tiles, else 8. Benchmarks set it.
+# num_warps of _tile_order_kernel; None: one warp per 1024 keys (sm_90 PTX of a 1024-key row: one warp sorts in
+# registers and shuffles, 103 registers, no shared memory or barrier, ~9 500 instructions; four warps need 71 barriers
+# and ~4 x 4 100 instructions). Benchmarks set it.
 _ORDER_WARPS = None
 
 
@@ -1044,7 +1164,7 @@ def tile_order(qs: SortedTiles, cs: SortedTiles, norm: int):
     t2p = _next_pow2(T2)
     if t2p <= _MAX_SORT_TILES:
         order = torch.empty((N, T1, T2), dtype=torch.int32, device=qs.box.device)
-        warps = _ORDER_WARPS or (4 if t2p <= 1024 else 8)
+        warps = _ORDER_WARPS or max(1, t2p // 1024)
         _run(_tile_order_kernel, (T1, N), qs.box, cs.box, lbs, order, T1, T2, D=D, NORM=norm, ACC=acc,
              F64=acc_t == torch.float64, T2P=t2p, num_warps=warps)
     else:  # a row too long for one program's registers
@@ -1136,6 +1256,11 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
         part_i = torch.empty(S, N, P1, K, dtype=torch.int32, device=dev)
         tickets = _tickets(N * T1, dev)
     kp = _next_pow2(max(K, 2))
+    if sort and D == 3 and S == 1 and _WALK3:
+        _run(_knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1, perm2, box, order, lbs,
+             P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,
+             num_warps=warps)
+        return dists, idx
     _run(
         _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,
         P1, P2, p1n, q_sd, p2s, chunk, T1, T2,

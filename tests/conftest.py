@@ -1,8 +1,5 @@
 """Shared pytest fixtures and report hooks."""
 import gc
-import json
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -29,6 +26,18 @@ def gc_sees_only_new_objects():
     yield
     gc.collect()
     gc.freeze()
+
+
+def _reads_a_background_job(item) -> bool:
+    jobs = getattr(getattr(item, "module", None), "BACKGROUND_JOBS", {})
+    return any(name in jobs for name in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that read a background job run last (each group in its collected order): the lane then runs
+    its jobs while every in-process test runs, instead of the session waiting for a job at the reading test's
+    place while the lane has nothing left for the other core (trainer_utils: the background jobs)."""
+    items[:] = [i for i in items if not _reads_a_background_job(i)] + [i for i in items if _reads_a_background_job(i)]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,26 +72,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 @pytest.fixture(scope="session")
-def two_machine_run(tmp_path_factory):
-    """One 2-process DDP job over gloo, launched as two one-process "machines" on localhost (what a multi-node
-    job runs): 2 steps, a checkpoint at step 2, its end-of-run pictures. Read by tests/test_multinode.py (the
-    multi-node checks) and resumed by tests/test_distributed.py, which saves the suite a launch. What the
-    multi-node checks read is captured here, before any test resumes the run in its folder.
+def ddp_runs():
+    """The session's 2-process DDP jobs, one lane job of trainer_utils (ddp_runs says what it holds): read by
+    tests/test_multinode.py (the two-machine launch) and tests/test_distributed.py (its resume, the flat buffer)."""
+    from trainer_utils import DDP_RUNS, background_job
 
-    Fields: overrides (dict), results (two CompletedProcess, machine 0 first), summary (summary.json after
-    step 2), machine1_files (names in machine 1's working folder), pictures (PNG names under viz/)."""
-    from trainer_utils import PICTURES, launch_machines, tiny_overrides
-
-    tmp = tmp_path_factory.mktemp("two_machines")
-    workdirs = [tmp / f"machine{r}" for r in range(2)]
-    for d in workdirs:
-        d.mkdir()
-    o = tiny_overrides(tmp, **{"train.max_steps": 2, "train.ckpt_every": 2, **PICTURES})
-    results = launch_machines(o, workdirs)
-    for rank, r in enumerate(results):
-        assert r.returncode == 0, (f"machine {rank} failed:\nSTDOUT\n{r.stdout[-3000:]}\n"
-                                   f"STDERR\n{r.stderr[-6000:]}")
-    run = Path(o["train.output_dir"])
-    return SimpleNamespace(overrides=o, results=results, summary=json.loads((run / "summary.json").read_text()),
-                           machine1_files=sorted(p.name for p in workdirs[1].iterdir()),
-                           pictures=sorted(p.name for p in (run / "viz").rglob("*.png")))
+    return background_job("ddp_runs", DDP_RUNS).result(timeout=1800)

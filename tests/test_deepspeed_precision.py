@@ -12,6 +12,7 @@ On the CPU only bf16 is tried: protodepth refuses fp16 on the CPU (train.mixed_p
 accelerator allows fp16 only where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16), otherwise stopping at
 `deepspeed.initialize` with "Type fp16 is not supported on your device.". fp16 runs in the 2-GPU test.
 """
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_utils import PICTURES, accelerate_bin, override_args, run_script, tiny_overrides
+from trainer_utils import (PICTURES, LaneCall, accelerate_bin, background_job, override_args, run_script,
+                           tiny_overrides)
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +55,29 @@ def _check_trained(s: dict, precision: str, steps: int) -> None:
     assert len(list(Path(s["checkpoint"]).rglob("*optim_states.pt"))) == 2
 
 
-def test_deepspeed_zero2_trains_under_bf16_on_cpu(tmp_path):
+def _zero2_bf16_cpu_run(folder: Path):
+    """The launch, a background job (trainer_utils) that runs beside the in-process tests: (summary, pictures)."""
+    o = tiny_overrides(folder, **{"train.max_steps": 2, "train.mixed_precision": "bf16", **PICTURES})
+    s = _launch_zero2(o, {"CUDA_VISIBLE_DEVICES": "", "PROTODEPTH_CHECKPOINT_FSYNC": "0"})
+    return s, sorted(Path(o["train.output_dir"], "viz").rglob("*.png"))
+
+
+ZERO2_BF16_CPU = LaneCall(_zero2_bf16_cpu_run)
+HAVE_DEEPSPEED = all(importlib.util.find_spec(m) is not None for m in ("deepspeed", "transformers"))
+BACKGROUND_JOBS = {"zero2_bf16_cpu_run": ZERO2_BF16_CPU} if HAVE_DEEPSPEED else {}
+
+
+@pytest.fixture
+def zero2_bf16_cpu_run():
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.mixed_precision": "bf16", **PICTURES})
-    s = _launch_zero2(o, {"CUDA_VISIBLE_DEVICES": "", "PROTODEPTH_CHECKPOINT_FSYNC": "0"})
+    return background_job("zero2_bf16_cpu_run", ZERO2_BF16_CPU).result(timeout=1800)
+
+
+def test_deepspeed_zero2_trains_under_bf16_on_cpu(zero2_bf16_cpu_run):
+    s, pictures = zero2_bf16_cpu_run
     _check_trained(s, "bf16", steps=2)
-    # the end-of-run pictures, drawn from the engine's bf16 run
-    assert list(Path(o["train.output_dir"], "viz").rglob("*.png"))
+    assert pictures  # the end-of-run pictures, drawn from the engine's bf16 run
 
 
 @pytest.mark.cuda

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from protodepth import checkpoint as ckpt
-from trainer_utils import REPO, override_args, python, tiny_overrides
+from trainer_utils import REPO, LaneCall, background_job, override_args, python, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +83,9 @@ def params(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("setup", list(SETUPS))
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, setup):
-    setup = SETUPS[setup]
+def _kill_and_resume(tmp_path: Path, setup: dict) -> dict:
+    """One setup's scenario: the reference run beside a run killed at the plan's moments and resumed until done.
+    Checks what must hold after each kill; returns what the test compares at the end."""
     rng = random.Random(20261124)
     # the reference: the same process, never interrupted (single-threaded, so it runs beside the others)
     ref_p, ref_log = start(tmp_path, "straight", False, setup, slow=False)
@@ -103,37 +103,68 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     ]
     kills = []
     resume = False
-    for what, cond, delay in plan:
-        time.sleep(0.05)  # folders made from now on are newer than the killed process's
-        t0 = time.time()
-        p, log = start(tmp_path, "killed", resume, setup)
-        reached = wait_for(p, lambda: cond(t0))
-        assert reached, f"the process ended before the kill point '{what}':\n{log.read_text()[-3000:]}"
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
-        assert p.wait(timeout=30) == -signal.SIGKILL
-        kills.append((what, committed(root), sorted(x.name for x in root.glob(".tmp-*"))))
-        # atomicity: whatever moment the kill hit, every committed checkpoint is complete
-        for d in ckpt.checkpoint_dirs(root):
-            assert ckpt.verify(d) is None, (what, d, ckpt.verify(d))
-        resume = True
-    assert kills[0][2] == [ckpt.temp_dir(root, 2).name], kills  # killed with a half-written folder on disk
+    try:
+        for what, cond, delay in plan:
+            time.sleep(0.05)  # folders made from now on are newer than the killed process's
+            t0 = time.time()
+            p, log = start(tmp_path, "killed", resume, setup)
+            reached = wait_for(p, lambda: cond(t0))
+            assert reached, f"the process ended before the kill point '{what}':\n{log.read_text()[-3000:]}"
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            assert p.wait(timeout=30) == -signal.SIGKILL
+            kills.append((what, committed(root), sorted(x.name for x in root.glob(".tmp-*"))))
+            # atomicity: whatever moment the kill hit, every committed checkpoint is complete
+            for d in ckpt.checkpoint_dirs(root):
+                assert ckpt.verify(d) is None, (what, d, ckpt.verify(d))
+            resume = True
+        # restart until done (one more start is enough; a loop guards against a slow machine)
+        for _ in range(3):  # (no kill is aimed at these runs: their commits need no window held open)
+            p, log = start(tmp_path, "killed", True, setup, slow=False)
+            if p.wait(timeout=120) == 0:
+                break
+        else:
+            raise AssertionError(log.read_text()[-3000:])
+        assert ref_p.wait(timeout=120) == 0, ref_log.read_text()[-3000:]
+    finally:  # a failed scenario leaves no process behind
+        if ref_p.poll() is None:
+            ref_p.kill()
+            ref_p.wait()
+    return dict(kills=kills, plan=len(plan), temp2=ckpt.temp_dir(root, 2).name, log=log.read_text(),
+                leftover_temps=list(root.glob(".tmp-*")),
+                reference=json.loads((tmp_path / "straight" / "summary.json").read_text()),
+                resumed=json.loads((run / "summary.json").read_text()))
+
+
+def _kill_resume_runs(folder: Path) -> dict:
+    """Every setup's scenario, in the lane of background jobs (trainer_utils): its processes are single-threaded
+    and spend much of their time in start-up, so they run beside the in-process tests."""
+    out = {}
+    for name, setup in SETUPS.items():
+        (folder / name).mkdir()
+        out[name] = _kill_and_resume(folder / name, setup)
+    return out
+
+
+KILL_RESUME_RUNS = LaneCall(_kill_resume_runs)
+BACKGROUND_JOBS = {"kill_resume_runs": KILL_RESUME_RUNS}
+
+
+@pytest.fixture(scope="module")
+def kill_resume_runs():
+    return background_job("kill_resume_runs", KILL_RESUME_RUNS).result(timeout=1800)
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(kill_resume_runs, setup):
+    r = kill_resume_runs[setup]
+    kills = r["kills"]
+    assert kills[0][2] == [r["temp2"]], kills  # killed with a half-written folder on disk
     assert 2 not in kills[0][1], kills  # ... which never became a checkpoint
+    assert r["log"].count("resumed from") == r["plan"], r["log"][-3000:]
+    assert not r["leftover_temps"]  # every restart cleans up after the kill before it
 
-    # restart until done (one more start is enough; a loop guards against a slow machine)
-    for _ in range(3):  # (no kill is aimed at these runs: their commits need no window held open)
-        p, log = start(tmp_path, "killed", True, setup, slow=False)
-        if p.wait(timeout=120) == 0:
-            break
-    else:
-        raise AssertionError(log.read_text()[-3000:])
-    text = log.read_text()
-    assert text.count("resumed from") == len(plan), text[-3000:]
-    assert not list(root.glob(".tmp-*"))  # every restart cleans up after the kill before it
-
-    assert ref_p.wait(timeout=120) == 0, ref_log.read_text()[-3000:]
-    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    resumed = json.loads((run / "summary.json").read_text())
+    reference, resumed = r["reference"], r["resumed"]
     assert resumed["steps"] == MAX_STEPS
     assert resumed["history"] == reference["history"], (resumed["history"], reference["history"], kills)
     a, b = params(Path(reference["checkpoint"])), params(Path(resumed["checkpoint"]))

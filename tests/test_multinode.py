@@ -1,14 +1,19 @@
 """Two one-process "machines" on localhost train together over gloo, launched the way a multi-node job is:
 the same `accelerate launch` on every machine with --num_machines 2 and its own --machine_rank (the job is the
-session fixture `two_machine_run` of conftest.py, which tests/test_distributed.py then resumes)."""
+session fixture `ddp_runs` of conftest.py, a background job that tests/test_distributed.py then resumes)."""
 import math
 
 import pytest
 
+from trainer_utils import DDP_RUNS
+
 pytestmark = pytest.mark.slow
 
+BACKGROUND_JOBS = {"ddp_runs": DDP_RUNS}
 
-def test_two_single_process_machines_train_together_over_gloo(two_machine_run):
+
+def test_two_single_process_machines_train_together_over_gloo(ddp_runs):
+    two_machine_run = ddp_runs.two_machines
     results, s = two_machine_run.results, two_machine_run.summary
     assert s["processes"] == 2 and "MULTI_CPU" in s["distributed_type"]
     # the two machines stayed in step: their parameter checksums are equal

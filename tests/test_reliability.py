@@ -966,26 +966,37 @@ def test_cli_error_in_a_real_process_from_a_dataloader_worker(dataloader_worker_
     assert lines[-1] == "error: " + documented_errors()["png-truncated"], err
 
 
-def test_a_real_write_failure_file_too_large_leaves_no_partial_checkpoint(tmp_path):
+def _file_too_large_run(folder: Path):
+    """A trainer_utils background job: 2 steps with a checkpoint each, under a 32 MiB file-size limit
+    (RLIMIT_FSIZE, set by bash's `ulimit -f` in 1 KiB blocks before it execs the trainer)."""
+    from trainer_utils import override_args, python, script_env, tiny_overrides
+
+    o = tiny_overrides(folder, **{"train.max_steps": 2, "train.ckpt_every": 1})
+    argv = ["bash", "-c", 'ulimit -f 32768 && exec "$@"', "bash", python(), "scripts/train.py", *override_args(o)]
+    return argv, script_env({ckpt.FSYNC_ENV: "0"}), {}
+
+
+BACKGROUND_JOBS["file_too_large_run"] = _file_too_large_run
+
+
+@pytest.fixture
+def file_too_large_run():
+    from trainer_utils import background_job
+
+    job = background_job("file_too_large_run", _file_too_large_run)
+    rc, _, err = job.result(timeout=900)
+    return rc, err, job.folder
+
+
+def test_a_real_write_failure_file_too_large_leaves_no_partial_checkpoint(file_too_large_run):
     """Not a patched error: the trainer runs with a 32 MiB file-size limit (RLIMIT_FSIZE), so writing the
     ~90 MB weights file really fails inside safetensors (EFBIG, Python ignores SIGXFSZ) as on a full disk."""
-    import resource
-    import subprocess
-
-    from trainer_utils import REPO, override_args, python, tiny_overrides
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, resource.RLIM_INFINITY))
-
-    o = tiny_overrides(tmp_path, **{"train.max_steps": 2, "train.ckpt_every": 1})
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{ckpt.FSYNC_ENV: "0"})
-    r = subprocess.run([python(), "scripts/train.py", *override_args(o)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=180, preexec_fn=limit_file_size)
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rc, err, folder = file_too_large_run
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
     assert lines[-1].startswith("error: could not write the checkpoint of step 1 to ") and "File too large" in lines[-1]
     assert lines[-1].endswith("the last complete checkpoint is none"), lines[-1]
-    root = tmp_path / "run" / "checkpoints"
+    root = folder / "run" / "checkpoints"
     assert root.is_dir() and not list(root.iterdir())  # no .tmp-*, no checkpoint-*
 
 

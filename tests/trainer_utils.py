@@ -144,6 +144,47 @@ def launch_machines(overrides: dict, workdirs: list[Path], timeout: float = 240)
     return done
 
 
+def launch_job(config: str, overrides: dict, env: dict, nproc: int = 2, timeout: float = 400) -> dict:
+    """`accelerate launch --config_file config` of scripts/train.py; asserts it succeeded; its summary.json."""
+    import json
+
+    cmd = [accelerate_bin(), "launch", "--config_file", config, "--num_processes", str(nproc),
+           "--main_process_port", str(free_port()), "scripts/train.py", *override_args(overrides)]
+    r = run_script(cmd, env_extra=env, timeout=timeout)
+    assert r.returncode == 0, f"launch failed:\nSTDOUT\n{r.stdout[-3000:]}\nSTDERR\n{r.stderr[-6000:]}"
+    return json.loads(Path(overrides["train.output_dir"], "summary.json").read_text())
+
+
+def _ddp_runs(folder: Path):
+    """The suite's 2-process DDP jobs over gloo, one after the other in the lane:
+    - two_machines: launched as two one-process "machines" on localhost (what a multi-node job runs): 2 steps, a
+      checkpoint at step 2, its end-of-run pictures; what tests/test_multinode.py reads is captured before the
+      run is resumed: overrides (dict), results (two CompletedProcess, machine 0 first), summary (summary.json
+      after step 2), machine1_files (names in machine 1's working folder), pictures (PNG names under viz/);
+    - resumed: summary.json of that run resumed on both ranks (cpu_2proc.yaml) from step 2 to step 4;
+    - flat: summary.json of the same 4 steps from scratch with train.data_parallel=flat (no checkpoint)."""
+    import json
+    from types import SimpleNamespace
+
+    workdirs = [folder / f"machine{r}" for r in range(2)]
+    for d in workdirs:
+        d.mkdir()
+    o = tiny_overrides(folder, **{"train.max_steps": 2, "train.ckpt_every": 2, **PICTURES})
+    results = launch_machines(o, workdirs)
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, (f"machine {rank} failed:\nSTDOUT\n{r.stdout[-3000:]}\n"
+                                   f"STDERR\n{r.stderr[-6000:]}")
+    run = Path(o["train.output_dir"])
+    two = SimpleNamespace(overrides=o, results=results, summary=json.loads((run / "summary.json").read_text()),
+                          machine1_files=sorted(p.name for p in workdirs[1].iterdir()),
+                          pictures=sorted(p.name for p in (run / "viz").rglob("*.png")))
+    o = {**o, "train.viz_images": 0, "train.max_steps": 4}
+    resumed = launch_job("accelerate_configs/cpu_2proc.yaml", {**o, "train.resume": "latest"}, CPU_ENV)
+    flat = launch_job("accelerate_configs/cpu_2proc.yaml", {**o, "train.ckpt_every": 0, "train.data_parallel": "flat",
+                                                            "train.output_dir": str(folder / "flat")}, CPU_ENV)
+    return SimpleNamespace(two_machines=two, resumed=resumed, flat=flat)
+
+
 # ------------------------------------------------------------------------- background jobs (a second CPU lane)
 
 # The suite runs one test at a time, and its in-process tests keep one core busy (conftest.py: one thread). A
@@ -152,15 +193,30 @@ def launch_machines(overrides: dict, workdirs: list[Path], timeout: float = 240)
 # BACKGROUND_JOBS = {fixture name: spec}, spec(folder) -> (argv, env, extra Popen arguments), given an empty
 # folder of its own; conftest.py queues the jobs of the fixtures the selected tests use, in the order of those
 # tests, with the session's first test; one lane thread runs them one after the other; the fixture calls
-# background_job(its name, spec).result(timeout) (which queues the job then, if the session did not).
+# background_job(its name, spec).result(timeout) (which queues the job then, if the session did not). A spec may
+# also be a LaneCall (a function run in the lane: the multi-process launches of test_distributed.py,
+# test_multinode.py, test_deepspeed_precision.py and test_kill_resume.py). conftest.py runs the tests that read a
+# job after all the others, so the lane works while the in-process tests run rather than when one waits for it.
+
+
+class LaneCall:
+    """A BACKGROUND_JOBS spec that is a function run in the lane thread, fn(folder) -> value: for jobs of several
+    processes (a 2-process launch, a resume after it, kills at chosen moments) whose waiting and polling can
+    happen beside the other tests. Its assertions fail in the lane and are raised again by result() in the test
+    that reads it. Its processes must end by themselves (every launch has a timeout)."""
+
+    def __init__(self, fn):
+        self.fn, self.__name__ = fn, fn.__name__
 
 
 class BackgroundJob:
-    """One queued subprocess; stdout and stderr go to files (no pipe to fill up while nobody reads it)."""
+    """One queued subprocess; stdout and stderr go to files (no pipe to fill up while nobody reads it). Or a
+    LaneCall, whose value result() returns."""
 
     def __init__(self, spec):
         self.spec, self.proc, self.error = spec, None, None
         self.rc, self.out, self.err, self.folder = None, "", "", None
+        self.value = None
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -169,6 +225,9 @@ class BackgroundJob:
 
         try:
             self.folder = Path(tempfile.mkdtemp(prefix="protodepth-test-job-"))
+            if isinstance(self.spec, LaneCall):
+                self.value = self.spec.fn(self.folder)
+                return
             args, env, extra = self.spec(self.folder)
             with open(self.folder / "stdout", "w") as out, open(self.folder / "stderr", "w") as err:
                 self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err, text=True, **extra)
@@ -180,12 +239,14 @@ class BackgroundJob:
         finally:
             self.done.set()
 
-    def result(self, timeout: float) -> tuple[int, str, str]:
-        """Wait for the job (queued or running): (exit code, stdout, stderr)."""
+    def result(self, timeout: float):
+        """Wait for the job (queued or running): (exit code, stdout, stderr), or a LaneCall's value."""
         if not self.done.wait(timeout):
             raise AssertionError(f"background job {self.spec.__name__} not done after {timeout:.0f} s")
         if self.error is not None:
             raise self.error
+        if isinstance(self.spec, LaneCall):
+            return self.value
         return self.rc, self.out, self.err
 
     def stop(self) -> None:
@@ -230,6 +291,9 @@ _LANE = _Lane()
 
 def background_job(name: str, spec) -> BackgroundJob:
     return _LANE.submit(name, spec)
+
+
+DDP_RUNS = LaneCall(_ddp_runs)  # BACKGROUND_JOBS["ddp_runs"] of test_multinode.py and test_distributed.py
 
 
 def end_background_jobs() -> None:

@@ -16,8 +16,9 @@ Variants (`--variants`): `base` (an older knn_triton module given by --base, e.g
 tree's `knn_points`), `sorted` (this tree's `sort_cloud` + `knn_points_sorted`: each cloud sorted once, the target's
 sort in the timed work on a third stream), `presorted` (the same with the target sorted outside the timed work:
 what a step that sorts it beside the backbone pays), `sorted-force` (sort_cloud(sort=True): the sorted path also
-where `sort_cloud` would keep small clouds unsorted). A sorted variant ending in `-t64` / `-p64` sorts the target /
-pred in 64-point tiles (query tiles of 2 warps where that cloud holds the queries).
+where `sort_cloud` would keep small clouds unsorted; also `presorted-force`). A sorted variant ending in `-t64` /
+`-p64` sorts the target / pred in 64-point tiles (query tiles of 2 warps where that cloud holds the queries); with
+`-grid` the pred is sorted on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`).
 """
 from __future__ import annotations
 
@@ -89,11 +90,12 @@ class Pair:
         # "-tNN" / "-pNN": the target's / pred's tile size in the sorted variants (default 32)
         parts = variant.split("-")
         self.tiles = {p[0]: int(p[1:]) for p in parts[1:] if p[:1] in "tp" and p[1:].isdigit()}
-        self.kind = parts[0] if parts[0] != "sorted" or "force" not in parts else "sorted-force"
+        self.kind, self.force = parts[0], (True if "force" in parts else None)
+        self.grid = "grid" in parts  # pred sorted on the target's Morton grid
         if self.kind == "presorted":
             from protodepth.geometry.knn_sorted import sort_cloud
 
-            self.tgt_sorted = sort_cloud(target, lengths, tile=self.tiles.get("t"))
+            self.tgt_sorted = sort_cloud(target, lengths, sort=self.force, tile=self.tiles.get("t"))
 
     def _directions(self):
         """(slot fn, global fn, target sort or None): the two searches of this variant as closures."""
@@ -109,7 +111,7 @@ class Pair:
                     lambda: knn_points(target, pred, lengths1=lengths, K=K_GLOBAL).dists, None)
         from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
 
-        force = True if v == "sorted-force" else None
+        force = self.force
         box = {}
 
         def sort_target():
@@ -122,7 +124,7 @@ class Pair:
             return knn_points_sorted(box["t"], box["p"], K=K_GLOBAL).dists
 
         def sort_pred():
-            box["p"] = sort_cloud(pred, sort=force, tile=self.tiles.get("p"))
+            box["p"] = sort_cloud(pred, sort=force, tile=self.tiles.get("p"), grid=box["t"] if self.grid else None)
 
         self._sort_pred = sort_pred
         return slot, glob, sort_target
@@ -136,6 +138,8 @@ class Pair:
             self.third.wait_stream(main)
             with torch.cuda.stream(self.third):
                 sort_target()
+            if self.grid:  # the pred's sort reads the target's grid
+                main.wait_stream(self.third)
             self._sort_pred()
             main.wait_stream(self.third)
         self.side.wait_stream(main)
@@ -248,8 +252,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--step-pair", action="store_true", help="time the training step's KNN pair (see knn_pair.py)")
     ap.add_argument("--pair-shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--variants", nargs="+", default=["base", "plain", "sorted", "presorted"],
-                    help="base, plain, sorted, presorted, sorted-force; the sorted ones may end in -tNN / -pNN: the "
-                         "target's / pred's tile size (32 or 64; default 32)")
+                    help="base, plain, sorted, presorted; the sorted ones may end in -force (sort small clouds too), "
+                         "-grid (pred on the target's grid) and -tNN / -pNN: the target's / pred's tile size")
     ap.add_argument("--base", default=None, metavar="MODULE",
                     help="--step-pair: a knn_triton module to time as `base` (e.g. a copy of an older tree's)")
     ap.add_argument("--no-profile", action="store_true", help="--step-pair: skip the per-kernel profile")

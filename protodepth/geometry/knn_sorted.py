@@ -6,7 +6,7 @@ each cloud twice; and a target cloud that does not depend on the model can be so
 side stream, beside the backbone). Here a cloud is sorted once:
 
     tgt = sort_cloud(target, lengths)            # (B, N, 3): may run early, on another stream
-    prd = sort_cloud(pred)                       # (B, M, 3)
+    prd = sort_cloud(pred, grid=tgt)             # (B, M, 3), on the target's Morton grid
     s = knn_points_sorted(prd, tgt, K=1)         # = knn_points(pred, target, lengths2=lengths, K=1)
     g = knn_points_sorted(tgt, prd, K=3)         # = knn_points(target, pred, lengths1=lengths, K=3)
 
@@ -51,7 +51,7 @@ class SortedCloud:
         """Every tensor a search of this cloud reads (points, lengths, the sorted copy and its tables)."""
         out = (self.points, self.lengths)
         if self.tiles is not None:
-            out += (self.tiles.xs, self.tiles.perm, self.tiles.box)
+            out += (self.tiles.xs, self.tiles.perm, self.tiles.box, self.tiles.part)
         return out
 
     def lengths_arg(self) -> Optional[torch.Tensor]:
@@ -75,14 +75,16 @@ def _sortable(points: torch.Tensor, sort: Optional[bool]) -> bool:
 
 
 def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None,
-               tile: Optional[int] = None) -> SortedCloud:
+               tile: Optional[int] = None, grid: Optional[SortedCloud] = None) -> SortedCloud:
     """points (N, P, D) padded, lengths (N,) integer valid points per cloud (None: all) -> SortedCloud.
 
     On CUDA with Triton the cloud is sorted here (no host sync; capturable in a CUDA graph) when sort is True, or
     when sort is None and N * P >= SORT_MIN_POINTS. The points are not copied: the result keeps them, and gradients
     of `knn_points_sorted` flow into them. tile: points per tile of the sorted search, 32 or 64 (None: 32; 16 under
     Triton's interpreter): the query tile where this cloud holds the queries (32 points per warp), the candidate
-    tile where it holds the candidates.
+    tile where it holds the candidates. grid: a cloud sorted earlier (same batch) whose Morton grid this one is
+    sorted on (one launch fewer; both clouds' tiles then follow the same cells, which prunes better when one cloud
+    lies inside the other's box, e.g. predicted points inside the target scene); ignored where grid is unsorted.
     """
     if tile is not None and tile not in (16, 32, 64):
         raise ValueError(f"tile: expected 16, 32 or 64, got {tile!r}")
@@ -95,7 +97,8 @@ def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sor
         from .knn_triton import _interpreting, sort_tiles
 
         pts = points if points.is_contiguous() else points.contiguous()
-        tiles = sort_tiles(pts, lengths, tile or (16 if _interpreting() else 32))[0]
+        on = grid.tiles if grid is not None else None
+        tiles = sort_tiles(pts, lengths, tile or (16 if _interpreting() else 32), grid=on)[0]
     return SortedCloud(points, lengths, tiles, given)
 
 

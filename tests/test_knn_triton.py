@@ -198,13 +198,14 @@ _INTERP_SCRIPT = textwrap.dedent(
     # one sort per cloud (knn_sorted), both directions, against two plain calls: padding of both clouds, K 1 / 3
     from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
     # (walk 1: the searches through _knn_walk3_kernel, the references through _knn_fwd_kernel; p1 then sorted on
-    # p2's Morton grid, and p1 partly outside p2's box)
+    # p2's Morton grid, and p1 partly outside p2's box; p2 as candidates in tiles of 32, as queries of 16)
     p1 = torch.randn(2, 21, 3) * 1.5; p2 = torch.randn(2, 35, 3)
     for K, walk in ((1, False), (3, False), (1, True), (3, True)):
         a = p1.clone().requires_grad_(); b = p2.clone().requires_grad_()
         kt._WALK3 = walk
-        s2 = sort_cloud(b, l2, sort=True)
+        s2 = sort_cloud(b, l2, sort=True, candidate_tile=32 if walk else None)
         s1 = sort_cloud(a, l1, sort=True, grid=s2 if walk else None)
+        assert (s2.ctiles.tile == 32 and s2.tiles.tile == 16) if walk else s2.ctiles is s2.tiles
         f, r = knn_points_sorted(s1, s2, K=K), knn_points_sorted(s2, s1, K=K)
         kt._WALK3 = False
         w = torch.linspace(-1, 2, f.dists.numel()).reshape(f.dists.shape)

@@ -18,7 +18,8 @@ sort in the timed work on a third stream), `presorted` (the same with the target
 what a step that sorts it beside the backbone pays), `sorted-force` (sort_cloud(sort=True): the sorted path also
 where `sort_cloud` would keep small clouds unsorted; also `presorted-force`). A sorted variant ending in `-t64` /
 `-p64` sorts the target / pred in 64-point tiles (query tiles of 2 warps where that cloud holds the queries); with
-`-grid` the pred is sorted on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`).
+`-grid` the pred is sorted on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-tc64`: the target
+as candidates in 64-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`).
 """
 from __future__ import annotations
 
@@ -89,13 +90,14 @@ class Pair:
         self.tgt_sorted = None
         # "-tNN" / "-pNN": the target's / pred's tile size in the sorted variants (default 32)
         parts = variant.split("-")
-        self.tiles = {p[0]: int(p[1:]) for p in parts[1:] if p[:1] in "tp" and p[1:].isdigit()}
+        self.tiles = {p[:-2]: int(p[-2:]) for p in parts[1:] if p[:-2] in ("t", "p", "tc") and p[-2:].isdigit()}
         self.kind, self.force = parts[0], (True if "force" in parts else None)
         self.grid = "grid" in parts  # pred sorted on the target's Morton grid
         if self.kind == "presorted":
             from protodepth.geometry.knn_sorted import sort_cloud
 
-            self.tgt_sorted = sort_cloud(target, lengths, sort=self.force, tile=self.tiles.get("t"))
+            self.tgt_sorted = sort_cloud(target, lengths, sort=self.force, tile=self.tiles.get("t"),
+                                         candidate_tile=self.tiles.get("tc"))
 
     def _directions(self):
         """(slot fn, global fn, target sort or None): the two searches of this variant as closures."""
@@ -115,7 +117,8 @@ class Pair:
         box = {}
 
         def sort_target():
-            box["t"] = self.tgt_sorted or sort_cloud(target, lengths, sort=force, tile=self.tiles.get("t"))
+            box["t"] = self.tgt_sorted or sort_cloud(target, lengths, sort=force, tile=self.tiles.get("t"),
+                                                     candidate_tile=self.tiles.get("tc"))
 
         def slot():
             return knn_points_sorted(box["p"], box["t"], K=1).dists

@@ -38,10 +38,12 @@ class SortedCloud:
     """A padded cloud (points (N, P, D), lengths (N,) int64) and, where the sorted search applies, its Morton-sorted
     copy (`knn_triton.SortedTiles`). Made by `sort_cloud`."""
 
-    __slots__ = ("points", "lengths", "tiles", "_given")
+    __slots__ = ("points", "lengths", "tiles", "ctiles", "_given")
 
-    def __init__(self, points: torch.Tensor, lengths: torch.Tensor, tiles, given: bool):
+    def __init__(self, points: torch.Tensor, lengths: torch.Tensor, tiles, given: bool, ctiles=None):
+        # tiles: the cloud as queries; ctiles: as candidates (the same sorted copy in larger tiles), None: tiles
         self.points, self.lengths, self.tiles, self._given = points, lengths, tiles, given
+        self.ctiles = ctiles if ctiles is not None else tiles
 
     @property
     def is_sorted(self) -> bool:
@@ -51,7 +53,7 @@ class SortedCloud:
         """Every tensor a search of this cloud reads (points, lengths, the sorted copy and its tables)."""
         out = (self.points, self.lengths)
         if self.tiles is not None:
-            out += (self.tiles.xs, self.tiles.perm, self.tiles.box, self.tiles.part)
+            out += (self.tiles.xs, self.tiles.perm, self.tiles.box, self.tiles.part, self.ctiles.box)
         return out
 
     def lengths_arg(self) -> Optional[torch.Tensor]:
@@ -75,7 +77,8 @@ def _sortable(points: torch.Tensor, sort: Optional[bool]) -> bool:
 
 
 def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None,
-               tile: Optional[int] = None, grid: Optional[SortedCloud] = None) -> SortedCloud:
+               tile: Optional[int] = None, grid: Optional[SortedCloud] = None,
+               candidate_tile: Optional[int] = None) -> SortedCloud:
     """points (N, P, D) padded, lengths (N,) integer valid points per cloud (None: all) -> SortedCloud.
 
     On CUDA with Triton the cloud is sorted here (no host sync; capturable in a CUDA graph) when sort is True, or
@@ -85,21 +88,26 @@ def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sor
     tile where it holds the candidates. grid: a cloud sorted earlier (same batch) whose Morton grid this one is
     sorted on (one launch fewer; both clouds' tiles then follow the same cells, which prunes better when one cloud
     lies inside the other's box, e.g. predicted points inside the target scene); ignored where grid is unsorted.
+    candidate_tile: where this cloud holds the candidates, tiles of this many points instead (16, 32 or 64; one
+    more launch): larger candidate tiles mean fewer steps of the search's walk, smaller query tiles prune better.
     """
-    if tile is not None and tile not in (16, 32, 64):
-        raise ValueError(f"tile: expected 16, 32 or 64, got {tile!r}")
+    for name, t in (("tile", tile), ("candidate_tile", candidate_tile)):
+        if t is not None and t not in (16, 32, 64):
+            raise ValueError(f"{name}: expected 16, 32 or 64, got {t!r}")
     check_points("points", points, "(N, P, D)")
     n, p, _ = points.shape
     given = lengths is not None
     lengths = _lengths("lengths", lengths, n, p, points.device)
-    tiles = None
+    tiles = ctiles = None
     if _sortable(points, sort):
         from .knn_triton import _interpreting, sort_tiles
 
         pts = points if points.is_contiguous() else points.contiguous()
         on = grid.tiles if grid is not None else None
-        tiles = sort_tiles(pts, lengths, tile or (16 if _interpreting() else 32), grid=on)[0]
-    return SortedCloud(points, lengths, tiles, given)
+        t = tile or (16 if _interpreting() else 32)
+        two = candidate_tile is not None and candidate_tile != t
+        tiles, ctiles = sort_tiles(pts, lengths, t, grid=on, tile_a2=candidate_tile if two else 0)
+    return SortedCloud(points, lengths, tiles, given, ctiles)
 
 
 def knn_points_sorted(p1: SortedCloud, p2: SortedCloud, K: int = 1, norm: int = 2, return_nn: bool = False) -> KNN:
@@ -123,6 +131,6 @@ def knn_points_sorted(p1: SortedCloud, p2: SortedCloud, K: int = 1, norm: int = 
     from .knn_triton import knn_points_presorted
 
     dists, idx = knn_points_presorted(a if a.is_contiguous() else a.contiguous(),
-                                      b if b.is_contiguous() else b.contiguous(), p1.tiles, p2.tiles, K, norm)
+                                      b if b.is_contiguous() else b.contiguous(), p1.tiles, p2.ctiles, K, norm)
     nn = knn_gather(b, idx, p2.lengths) if return_nn else None
     return KNN(dists=dists, idx=idx, knn=nn)

@@ -1101,7 +1101,8 @@ def _morton_bits(segments: int, pmax: int) -> int:
     return bits
 
 
-def sort_tiles(a, la, tile_a: int, b=None, lb=None, tile_b: int = 0, grid: "SortedTiles | None" = None):
+def sort_tiles(a, la, tile_a: int, b=None, lb=None, tile_b: int = 0, grid: "SortedTiles | None" = None,
+               tile_a2: int = 0):
     """Counting sort of cloud a (N, P1, D) (and of b (N, P2, D) in the same launches when given) along a Morton
     curve over their joint box -> (SortedTiles of a, SortedTiles of b or None).
 
@@ -1110,6 +1111,9 @@ def sort_tiles(a, la, tile_a: int, b=None, lb=None, tile_b: int = 0, grid: "Sort
     cloud sorted earlier (same N and D) instead of these clouds' own box: one launch fewer, and tiles that follow
     that cloud's cells (a CPU simulation of the step's clouds: 20 instead of 28 tile-list entries walked per query
     tile of the slot direction at 5 bits; points outside the grid's box go to its border cells, still exact).
+    tile_a2 (one cloud only): also the boxes of a's tiles of tile_a2 points (one more launch), returned as a third
+    SortedTiles sharing a's sorted copy: the cloud then serves as queries in tiles of tile_a and as candidates in
+    tiles of tile_a2.
     """
     N, P1, D = a.shape
     two = b is not None
@@ -1144,18 +1148,25 @@ def sort_tiles(a, la, tile_a: int, b=None, lb=None, tile_b: int = 0, grid: "Sort
          NCHP=_next_pow2(nch), ACC=acc, BLOCK=1024)
     ends = torch.cumsum(cnt, 0, dtype=torch.int32)
     T1, T2 = _cdiv(P1, tile_a), _cdiv(P2, tile_b)
-    xs1 = torch.empty((N, D, T1 * tile_a), dtype=acc_t, device=dev)
+    pad1 = max(tile_a, tile_a2)  # both tilings read whole tiles of the copy (powers of two)
+    xs1 = torch.empty((N, D, _cdiv(P1, pad1) * pad1), dtype=acc_t, device=dev)
     xs2 = torch.empty((N, D, T2 * tile_b), dtype=acc_t, device=dev) if two else xs1
     lperm = torch.empty(N * (P1 + P2), dtype=torch.int32, device=dev)
     nb1, nb2 = _cdiv(P1, 256), _cdiv(P2, 256)
-    _run(_scatter_kernel, (nb1 + nb2, N), a, b, bkt, ends, lperm, xs1, xs2, P1, P2, T1 * tile_a, T2 * tile_b, nb1,
+    _run(_scatter_kernel, (nb1 + nb2, N), a, b, bkt, ends, lperm, xs1, xs2, P1, P2, xs1.shape[2], T2 * tile_b, nb1,
          B=bits, D=D, DP=dp, ACC=acc, BLOCK=256)
     box1 = torch.empty((N, T1, 2, D), dtype=acc_t, device=dev)
     box2 = torch.empty((N, T2, 2, D), dtype=acc_t, device=dev) if two else box1
-    _run(_tile_box_kernel, (T1 + T2, N), xs1, xs2, la, lb, box1, box2, P1, P2, T1 * tile_a, T2 * tile_b, T1, T2,
+    _run(_tile_box_kernel, (T1 + T2, N), xs1, xs2, la, lb, box1, box2, P1, P2, xs1.shape[2], T2 * tile_b, T1, T2,
          D=D, DP=dp, TILE1=tile_a, TILE2=tile_b)
     s1 = SortedTiles(xs1, lperm[:N * P1].view(N, P1), box1, la, tile_a, part, bits)
     s2 = SortedTiles(xs2, lperm[N * P1:].view(N, P2), box2, lb, tile_b, part, bits) if two else None
+    if tile_a2 and not two:
+        T3 = _cdiv(P1, tile_a2)
+        box3 = torch.empty((N, T3, 2, D), dtype=acc_t, device=dev)
+        _run(_tile_box_kernel, (T3, N), xs1, xs1, la, la, box3, box3, P1, 0, xs1.shape[2], 0, T3, 0,
+             D=D, DP=dp, TILE1=tile_a2, TILE2=tile_a2)
+        return s1, s1._replace(box=box3, tile=tile_a2)
     return s1, s2
 
 

@@ -211,13 +211,46 @@ def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: Lo
     """Start the prototype regularisers (prototypes (P, V, 3), faces (F, 3)) before the backbone runs.
 
     They do not depend on the image, so on CUDA they run on a side stream, concurrently with the backbone's
-    forward (and, since autograd runs an op's backward on the stream of its forward, their backward beside
-    the backbone's backward): a few hundred small kernels off the step's critical path. On the CPU, and while
-    torch.compile traces, they are computed here, inline. The same ops run either way: the values are identical.
+    forward, and their gradients are computed there too, right away (`terms_with_early_gradients`): a few
+    hundred small kernels off the step's critical path. (Left to the step's backward, that chain ran after the
+    backbone's backward rather than beside it: measured +0.3 ms at B = 32 and +0.45 ms at B = 2 on an H200.)
+    On the CPU, and while torch.compile traces, they are computed here, inline. The values are identical either
+    way; the gradients differ in summation order only.
     """
     side = _fork(prototypes.device, "prototypes", (prototypes,))
     with _on(side), torch.autocast(device_type=prototypes.device.type, enabled=False):
-        return PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, side)
+        protos = prototypes.float()
+        terms = prototype_terms(protos, faces, cfg) if side is None else terms_with_early_gradients(protos, faces, cfg)
+        return PrototypeTerms(terms, cfg, side)
+
+
+class _EarlyGradients(torch.autograd.Function):
+    """Values whose gradients were computed already: forward returns `values` (T,); backward returns
+    sum_t grad_out[t] * grads[t] for prototypes (grads (T, P, V, 3), the gradient of each value)."""
+
+    @staticmethod
+    def forward(ctx, prototypes, values, grads):
+        ctx.save_for_backward(grads)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grads,) = ctx.saved_tensors
+        return torch.tensordot(grad_out, grads, dims=1), None, None
+
+
+def terms_with_early_gradients(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """`prototype_terms` whose gradients with respect to prototypes (P, V, 3) are computed now, where this runs,
+    rather than in the caller's backward, which then only scales and sums them (one small kernel)."""
+    if not (prototypes.requires_grad and torch.is_grad_enabled()):
+        return prototype_terms(prototypes, faces, cfg)
+    leaf = prototypes.detach().requires_grad_()
+    terms = prototype_terms(leaf, faces, cfg)
+    last = len(terms) - 1
+    grads = [torch.autograd.grad(t, leaf, retain_graph=i < last, allow_unused=True, materialize_grads=True)[0]
+             for i, t in enumerate(terms.values())]
+    values = _EarlyGradients.apply(prototypes, torch.stack([t.detach() for t in terms.values()]), torch.stack(grads))
+    return dict(zip(terms, values.unbind(0)))
 
 
 def subsample_targets(target: torch.Tensor, lengths: torch.Tensor, n: int,

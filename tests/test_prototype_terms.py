@@ -82,3 +82,22 @@ def test_side_stream_prototype_terms_replay_from_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(total, want_total)
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_early_gradients_give_the_regularisers_values_and_their_gradient_under_any_upstream_weights():
+    """terms_with_early_gradients (what the CUDA side stream runs): the same values, and a backward that scales
+    each precomputed gradient by whatever reaches it (loss weights, an fp16 loss scale) like the inline chain."""
+    from protodepth.loss import terms_with_early_gradients
+
+    _, protos, faces, *_, cfg, _, _ = small_loss_problem()
+    base = protos.detach().requires_grad_()
+    upstream = {"edge": 0.5, "normal": -2.0, "laplacian": 3.7}
+    got, want = terms_with_early_gradients(base * 1.0, faces, cfg), prototype_terms(base * 1.0, faces, cfg)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    (g_got,) = torch.autograd.grad(sum(upstream[k] * got[k] for k in got), base)
+    (g_want,) = torch.autograd.grad(sum(upstream[k] * want[k] for k in want), base)
+    assert g_want.abs().max() > 0
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # validation: values only, nothing to differentiate
+        assert all(torch.equal(v, want[k]) and not v.requires_grad
+                   for k, v in terms_with_early_gradients(base, faces, cfg).items())

@@ -18,6 +18,7 @@ from protodepth.geometry import (
     mesh_normal_consistency,
     sample_points_from_meshes,
 )
+from protodepth.geometry.knn_sorted import SortedCloud, knn_points_sorted, sort_cloud
 from protodepth.geometry.sampling import sample_points_from_uniforms
 from protodepth.geometry import host_reads_allowed
 
@@ -100,11 +101,13 @@ def hybrid_chamfer(
     samples_per_slot: int,
     generator: torch.Generator | None = None,
     draws: LossDraws | None = None,
+    sorted_target: SortedCloud | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Chamfer part of the loss, with S = samples_per_slot points drawn on each slot (from `draws` when given,
     else with `generator`).
 
     slot_verts (B, K, V, 3), faces (F, 3), target (B, N, 3) zero-padded with lengths (B,).
+    sorted_target: `sort_cloud(target, lengths)` made earlier (`start_target_sort`); None sorts it here.
     Returns (chamfer (), {global, slot, repulsion} each (), pred (B, K, S, 3)).
     """
     B, K, V, _ = slot_verts.shape
@@ -121,18 +124,22 @@ def hybrid_chamfer(
         pred = sample_points_from_uniforms(flat_verts, faces, draws.face_u, draws.bary_uv)
     pred = pred.view(B, K, S, 3)
     pred_flat = pred.reshape(B, K * S, 3)
+    # Both searches read the same two clouds: each is sorted once (on CUDA, for the pruned search; elsewhere
+    # this keeps them as they are), the predicted points on the targets' Morton grid.
+    tgt = sorted_target if sorted_target is not None else sort_cloud(target, lengths)
+    prd = sort_cloud(pred_flat, grid=tgt)
 
     # per slot: every predicted sample -> nearest target point; mean over samples, then over slots. The two
     # searches are independent given pred: on CUDA this one runs on a side stream, beside the global one
     # (each is a chain of small launches at small batches); its backward runs there too.
-    side_s = _fork(pred_flat.device, "knn", (pred_flat, target, lengths))
+    side_s = _fork(pred_flat.device, "knn", (*prd.tensors(), *tgt.tensors()))
     with _on(side_s):
-        s = knn_points(pred_flat, target, lengths2=lengths, K=1).dists.squeeze(-1)  # (B, K*S); a view in backward
+        s = knn_points_sorted(prd, tgt, K=1).dists.squeeze(-1)  # (B, K*S); a view in backward
         s_img = s.view(B, K, S).mean(dim=(1, 2))  # (B,)
         s_part, s_mean = cfg.w_slot * s_img, s_img.mean()
 
     # global: every target point -> its k nearest predicted points (any slot)
-    g = knn_points(target, pred_flat, lengths1=lengths, K=cfg.k_nearest).dists  # (B, N, k)
+    g = knn_points_sorted(tgt, prd, K=cfg.k_nearest).dists  # (B, N, k)
     valid = _constant("arange", target.shape[1], target.device)[None, :] < lengths[:, None]  # (B, N)
     g_img = (g.mean(-1) * valid).sum(1) / lengths.clamp_min(1).to(g.dtype)  # (B,)
 
@@ -224,6 +231,32 @@ def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: Lo
         return PrototypeTerms(terms, cfg, side)
 
 
+class TargetSort:
+    """The target clouds sorted for the loss's searches, started early: `start_target_sort` launches the sort,
+    `join()` hands the SortedCloud over to the caller's stream. Passed to `proto_depth_loss`."""
+
+    def __init__(self, cloud: SortedCloud, stream: "torch.cuda.Stream | None"):
+        self._cloud, self._stream = cloud, stream
+
+    def join(self) -> SortedCloud:
+        _join(self._stream, self._cloud.tensors())
+        self._stream = None
+        return self._cloud
+
+
+def start_target_sort(target: torch.Tensor, lengths: torch.Tensor, level: SamplingLevel | None) -> TargetSort | None:
+    """Sort the target clouds (B, N, 3), lengths (B,) for the loss's KNN searches before the backbone runs.
+
+    The targets do not depend on the model, so on CUDA the sort runs on a side stream, beside the backbone's
+    forward, instead of between the sampling and the searches. None where this step's `level` subsamples the
+    targets: the loss then sorts the subset itself."""
+    if level is not None and level.max_targets is not None and level.max_targets < target.shape[1]:
+        return None
+    side = _fork(target.device, "targets", (target, lengths))
+    with _on(side):
+        return TargetSort(sort_cloud(target.float(), lengths), side)
+
+
 class _EarlyGradients(torch.autograd.Function):
     """Values whose gradients were computed already: forward returns `values` (T,); backward returns
     sum_t grad_out[t] * grads[t] for prototypes (grads (T, P, V, 3), the gradient of each value)."""
@@ -287,6 +320,7 @@ def proto_depth_loss(
     generator: torch.Generator | None = None,
     draws: LossDraws | None = None,
     proto_terms: PrototypeTerms | None = None,
+    target_sort: TargetSort | None = None,
 ) -> LossOutput:
     """Total loss = w_chamfer * hybrid Chamfer + w_edge * edge + w_normal * normal + w_laplacian * laplacian.
 
@@ -297,6 +331,8 @@ def proto_depth_loss(
     the samples then differ from the generator's for the same seed (faces picked by inverse cumulative area).
     proto_terms: the prototype regularisers started earlier (`start_prototype_terms(prototypes, faces, cfg)`,
     on a side stream on CUDA); None computes them here. prototypes is then not read.
+    target_sort: the targets sorted earlier (`start_target_sort(target, lengths, level)`, the same tensors); None
+    sorts them here.
     """
     if level is None:
         level = SamplingLevel(cfg.samples_per_slot, None)
@@ -311,8 +347,12 @@ def proto_depth_loss(
         if level.max_targets is not None:
             keys = None if draws is None else draws.target_keys
             target, lengths = subsample_targets(target, lengths, level.max_targets, generator, keys)
+        sorted_target = None if target_sort is None else target_sort.join()
+        if sorted_target is not None and sorted_target.points is not target:
+            raise ValueError("target_sort: sorts another tensor than target (start_target_sort(target, lengths, "
+                             "level) with this step's level: None where the level subsamples the targets)")
         chamfer, terms, pred = hybrid_chamfer(slot_verts, faces, target, lengths, cfg, level.samples_per_slot,
-                                              generator, draws)
+                                              generator, draws, sorted_target)
         if proto_terms is None:
             proto_terms = PrototypeTerms(prototype_terms(prototypes.float(), faces, cfg), cfg, None)
         reg, (w_edge, w_normal, w_laplacian) = proto_terms.join()

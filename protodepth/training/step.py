@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from protodepth.config import Config
-from protodepth.loss import LossOutput, SamplingLevel, proto_depth_loss, start_prototype_terms
+from protodepth.loss import LossOutput, SamplingLevel, proto_depth_loss, start_prototype_terms, start_target_sort
 from protodepth.model import SceneOutput
 from protodepth.schedules import SamplingSchedule, lr_factor
 from protodepth.training.nonfinite import NonFiniteGuard, NonFiniteOutput, output_error
@@ -72,11 +72,13 @@ class TrainStep:
         # The prototype regularisers do not read the image: on CUDA they run on a side stream beside the backbone.
         # Not under DeepSpeed, whose engine should see its parameters used inside its own forward only.
         early = None if self.deepspeed else start_prototype_terms(self.module.prototypes(), self.faces, self.cfg.loss)
+        # The targets' sort for the KNN searches does not read the model either: on CUDA it runs beside the backbone.
+        targets = start_target_sort(cloud, lengths, level)
         with self.accelerator.autocast():
             scene = self.model(image)  # slot_verts (B, K, V, 3), prototypes (P, V, 3)
         try:
             res = proto_depth_loss(scene.slot_verts, scene.prototypes, self.faces, cloud, lengths, self.cfg.loss,
-                                   level=level, generator=generator, proto_terms=early)
+                                   level=level, generator=generator, proto_terms=early, target_sort=targets)
         except ValueError:
             # the geometry refuses non-finite vertices; then the weights themselves have overflowed
             if bool(torch.isfinite(scene.slot_verts.detach()).all()):

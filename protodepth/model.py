@@ -13,7 +13,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from protodepth.config import ModelConfig
 from protodepth.geometry import euler_angles_to_matrix, ico_sphere
@@ -54,6 +53,10 @@ def build_backbone(weights: str) -> nn.Module:
     weights: "none" (random init), "imagenet" (torchvision's IMAGENET1K_V2, downloaded to the torch hub cache
     once), or a path to a local file holding a ResNet-50 state_dict (a classifier `fc.*` in it is ignored).
     """
+    # imported here, not at the top: torchvision's package import pulls in torch._dynamo (about 3 s on a CPU), which
+    # a process that stops at a config or data error, or that never builds a model, need not pay
+    import torchvision
+
     trunk = torchvision.models.resnet50(weights=None)
     if weights == "imagenet":
         try:

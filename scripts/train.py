@@ -66,9 +66,11 @@ def overrides_from_args(args) -> list[str]:
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from protodepth.config import load_config
-    from protodepth.train import train
 
-    train(load_config(args.config, overrides_from_args(args)))
+    cfg = load_config(args.config, overrides_from_args(args))
+    from protodepth.train import train  # after the config check: a bad value is named without torch's start-up
+
+    train(cfg)
     return 0
 
 

@@ -6,7 +6,7 @@ tiny shape: ResNet-50 on 32x32 images, 2 slots of a level-1 icosphere."""
 import pytest
 import torch
 
-from protodepth.benchmarks.compile_step import Row, compiled_trainer_step, problems
+from protodepth.benchmarks.compile_step import Row, compiled_trainer_step, needs_cumsum_fallback, problems
 from protodepth.benchmarks.step import as_batch, make_inputs, shape_config
 
 B, K, H, W, N = 2, 2, 32, 32, 50
@@ -106,6 +106,12 @@ def test_slow_compile_graph_break_or_recompile_fails_the_benchmark(row, says):
 
 def test_good_compile_and_the_hand_graph_pass():
     assert problems(_row(), 120.0) == [] and problems(_row("graph", first_s=500.0, graphs=0), 120.0) == []
+
+
+@pytest.mark.parametrize("version, needed", [("2.11.0+cu130", True), ("2.12.1", True), ("2.13.0", False),
+                                             ("2.14.1+cu130", False), ("3.0.0", False)])
+def test_inductor_cumsum_workaround_only_on_releases_with_the_split_scan_bug(version, needed):
+    assert needs_cumsum_fallback(version) is needed
 
 
 def test_compile_benchmark_is_registered_and_needs_a_gpu(capsys, monkeypatch):

@@ -108,6 +108,21 @@ def compiled_trainer_step(cfg, mode: str, backend: str = "inductor"):
     return step, model
 
 
+def needs_cumsum_fallback(version: str) -> bool:
+    """Whether this torch's Inductor crashes on the point sampling's face-area cumsum: a split scan (over more than
+    128 elements, here 5 120 faces) of a broadcasting input fails in codegen with "list indices must be integers or
+    slices, not NoneType" (pytorch#180221, fixed in April 2026; seen with torch 2.11). 2.13 and later have the fix."""
+    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    return (major, minor) < (2, 13)
+
+
+def cumsum_to_aten() -> None:
+    """Inductor calls ATen's cumsum (one kernel) instead of generating its own, for this process."""
+    from torch._inductor import lowering
+
+    lowering.make_fallback(torch.ops.aten.cumsum.default, warn=False)
+
+
 @dataclass
 class Row:
     shape: str
@@ -254,6 +269,9 @@ def main(argv: list[str]) -> int:
     torch.backends.cudnn.benchmark = True
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  backend {args.backend}  {args.precision}"
           f"  ico level {args.ico_level}  warm-up {args.warmup}  repeats {args.repeats}", flush=True)
+    if args.backend == "inductor" and needs_cumsum_fallback(torch.__version__):
+        cumsum_to_aten()
+        print(f"torch {torch.__version__}: cumsum through ATen (Inductor's split-scan codegen bug, pytorch#180221)")
     failures, t0 = [], time.time()
     print(HEADER, flush=True)
     for name in args.shapes:

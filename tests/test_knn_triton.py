@@ -197,24 +197,25 @@ _INTERP_SCRIPT = textwrap.dedent(
                             rel_rest=float((b.grad[fin].double() - r2[fin]).norm() / r2[fin].norm()))
     # one sort per cloud (knn_sorted), both directions, against two plain calls: padding of both clouds, K 1 / 3
     from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
-    # (walk 1: the searches through _knn_walk3_kernel, the references through _knn_fwd_kernel; p1 then sorted on
-    # p2's Morton grid, and p1 partly outside p2's box; p2 as candidates in tiles of 32, as queries of 16)
+    # (walk 1: the searches through _knn_walk3_kernel, 2: _knn_walk3p_kernel, the references through _knn_fwd_kernel;
+    # p1 then sorted on p2's Morton grid, and p1 partly outside p2's box; walk 1: p2 as candidates in tiles of 32, as
+    # queries of 16)
     p1 = torch.randn(2, 21, 3) * 1.5; p2 = torch.randn(2, 35, 3)
-    for K, walk in ((1, False), (3, False), (1, True), (3, True)):
+    for K, walk in ((1, 0), (3, 0), (1, 1), (3, 1), (3, 2)):
         a = p1.clone().requires_grad_(); b = p2.clone().requires_grad_()
         kt._WALK3 = walk
-        s2 = sort_cloud(b, l2, sort=True, candidate_tile=32 if walk else None)
+        s2 = sort_cloud(b, l2, sort=True, candidate_tile=32 if walk == 1 else None)
         s1 = sort_cloud(a, l1, sort=True, grid=s2 if walk else None)
-        assert (s2.ctiles.tile == 32 and s2.tiles.tile == 16) if walk else s2.ctiles is s2.tiles
+        assert (s2.ctiles.tile == 32 and s2.tiles.tile == 16) if walk == 1 else s2.ctiles is s2.tiles
         f, r = knn_points_sorted(s1, s2, K=K), knn_points_sorted(s2, s1, K=K)
-        kt._WALK3 = False
+        kt._WALK3 = 0
         w = torch.linspace(-1, 2, f.dists.numel()).reshape(f.dists.shape)
         ga = torch.autograd.grad((f.dists * w).sum() + r.dists.sum(), (a, b))
         a = p1.clone().requires_grad_(); b = p2.clone().requires_grad_()
         f0, _ = knn_points_triton(a, b, l1, l2, K=K, spatial_sort=True)
         r0, ri0 = knn_points_triton(b, a, l2, l1, K=K, spatial_sort=True)
         gb = torch.autograd.grad((f0 * w).sum() + r0.sum(), (a, b))
-        out[f"presorted/K{K}/walk{int(walk)}"] = dict(
+        out[f"presorted/K{K}/walk{walk}"] = dict(
             sorted=s1.is_sorted and s2.is_sorted, dists_equal=torch.equal(f.dists, f0) and torch.equal(r.dists, r0),
             idx_equal=torch.equal(f.idx, knn_points_triton(p1, p2, l1, l2, K=K, spatial_sort=True)[1])
             and torch.equal(r.idx, ri0),

@@ -16,10 +16,11 @@ Variants (`--variants`): `base` (an older knn_triton module given by --base, e.g
 tree's `knn_points`), `sorted` (this tree's `sort_cloud` + `knn_points_sorted`: each cloud sorted once, the target's
 sort in the timed work on a third stream), `presorted` (the same with the target sorted outside the timed work:
 what a step that sorts it beside the backbone pays), `sorted-force` (sort_cloud(sort=True): the sorted path also
-where `sort_cloud` would keep small clouds unsorted; also `presorted-force`). A sorted variant ending in `-t64` /
-`-p64` sorts the target / pred in 64-point tiles (query tiles of 2 warps where that cloud holds the queries); with
-`-grid` the pred is sorted on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-tc64`: the target
-as candidates in 64-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`).
+where `sort_cloud` would keep small clouds unsorted; also `presorted-force`). Flags after a dash: `-grid` sorts the
+pred on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-t64` / `-p64` sorts the target / pred in
+64-point tiles (query tiles of 2 warps where that cloud holds the queries); `-tc64` the target as candidates in
+64-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`); `-slot` / `-global` runs only
+that direction (its forward and backward: the profile of one direction).
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ class Pair:
         self.tiles = {p[:-2]: int(p[-2:]) for p in parts[1:] if p[:-2] in ("t", "p", "tc") and p[-2:].isdigit()}
         self.kind, self.force = parts[0], (True if "force" in parts else None)
         self.grid = "grid" in parts  # pred sorted on the target's Morton grid
+        # "-slot" / "-global": only that direction (forward and backward), to split the profile
+        self.only = "slot" if "slot" in parts else ("global" if "global" in parts else None)
         if self.kind == "presorted":
             from protodepth.geometry.knn_sorted import sort_cloud
 
@@ -145,6 +148,10 @@ class Pair:
                 main.wait_stream(self.third)
             self._sort_pred()
             main.wait_stream(self.third)
+        if self.only is not None:
+            d = slot() if self.only == "slot" else glob()
+            (grad,) = torch.autograd.grad(d.mean(), self.pred)
+            return d, d, grad
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
             s = slot()
@@ -163,7 +170,10 @@ def _bench(fn, rep_ms: float) -> float:
 
 
 def _capture(pair: Pair):
-    """(graph, static outputs) of pair.step() captured after a warm-up on a side stream."""
+    """(graph, static outputs) of pair.step() captured after a warm-up on a side stream, in the geometry's
+    capture_mode (no host reads: the lengths checks are skipped, as in the trainer's captured step)."""
+    from protodepth.geometry import capture_mode
+
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -172,7 +182,7 @@ def _capture(pair: Pair):
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capture_mode(), torch.cuda.graph(graph):
         out = pair.step()
     return graph, out
 
@@ -213,6 +223,8 @@ def run_variant(variant: str, shape: str, rep_ms: float, base=None, profile=True
     torch.cuda.synchronize()
     out = tuple(t.detach().clone() for t in out)
     row = dict(shape=shape, variant=variant, graph_ms=_bench(graph.replay, rep_ms), eager_ms=_bench(pair.step, rep_ms))
+    if pair.only is not None:
+        ref = None  # one direction: nothing to compare with the pair's outputs
     if ref is not None:
         row.update(_agree(ref, out))
     if profile:
@@ -233,7 +245,8 @@ def main(args) -> int:
             except Exception as exc:  # report and go on: one broken variant must not hide the others
                 print(f"{shape} {v}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
-            ref = ref or out
+            if "slot" not in v.split("-") and "global" not in v.split("-"):
+                ref = ref or out
             rows.append(row)
             print(json.dumps({k: x for k, x in row.items() if k != "kernels"}), flush=True)
             for name, ms, calls in row.get("kernels", []):

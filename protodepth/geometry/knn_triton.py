@@ -438,6 +438,110 @@ if triton is not None:
             _store_topk(dist_ptr, idx_ptr, out_base + q_out * K, row_ok, qmask, L2, best_d, best_i, K, KP, True)
 
     @triton.jit
+    def _knn_walk3p_kernel(
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
+        P1, P2, Q_SD, P2S, T1, T2,
+        K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """_knn_walk3_kernel with the loads one tile ahead: while tile j is searched, tile j + 1's box, candidates
+        and indices and list entry j + 2 are already requested (carried in the loop in the layout they load in).
+        Same arguments and results."""
+        pid_q = tl.program_id(0)
+        n = tl.program_id(1)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        BIG: tl.constexpr = 2147483647
+        SHRINK: tl.constexpr = 1.0 - 1.0 / 1048576.0
+        inf = float("inf")
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = q < L1
+        slot = tl.arange(0, KP)
+        cols = tl.arange(0, BLOCK_C)
+        p1_base = p1_ptr + n.to(tl.int64) * 3 * Q_SD
+        p2_base = p2_ptr + n.to(tl.int64) * P2S * 3
+        perm2_base = perm2_ptr + n.to(tl.int64) * P2
+        box_base = box_ptr + n.to(tl.int64) * T2 * 6
+        a0 = tl.load(p1_base + q, mask=qmask, other=0.0).to(ACC)
+        a1 = tl.load(p1_base + Q_SD + q, mask=qmask, other=0.0).to(ACC)
+        a2 = tl.load(p1_base + 2 * Q_SD + q, mask=qmask, other=0.0).to(ACC)
+        if K == 1:
+            best1_d = tl.full((BLOCK_Q,), inf, ACC)
+            best1_i = tl.full((BLOCK_Q,), BIG, tl.int32)
+        else:
+            best_d = tl.where(slot[:, None] < K, tl.full((KP, BLOCK_Q), inf, ACC), -inf)
+            best_i = tl.zeros((KP, BLOCK_Q), tl.int32) - 1 - slot[:, None]
+        n_steps = tl.cdiv(L2, BLOCK_C)
+        if pid_q * BLOCK_Q >= L1:
+            n_steps = 0
+        lbase = (n.to(tl.int64) * T1 + pid_q) * T2
+        # entry 0 in full, entry 1's tile and bound
+        tile = tl.load(order_ptr + lbase, mask=n_steps > 0, other=0).to(tl.int32)
+        c = tile * BLOCK_C + cols
+        b0 = tl.load(p2_base + c)
+        b1 = tl.load(p2_base + P2S + c)
+        b2 = tl.load(p2_base + 2 * P2S + c)
+        oidx = tl.load(perm2_base + c, mask=c < L2, other=0)
+        bx = box_base + tile * 6
+        lo0, lo1, lo2 = tl.load(bx), tl.load(bx + 1), tl.load(bx + 2)
+        hi0, hi1, hi2 = tl.load(bx + 3), tl.load(bx + 4), tl.load(bx + 5)
+        nxt_tile = tl.load(order_ptr + lbase + 1, mask=n_steps > 1, other=0).to(tl.int32)
+        nxt_lb = tl.load(lbs_ptr + lbase + 1, mask=n_steps > 1, other=inf)
+        j = 0
+        go_on = n_steps > 0
+        while go_on:
+            more = j + 1 < n_steps
+            # requested now, used in the next step: entry j + 1's box, candidates, indices; entry j + 2
+            cn = nxt_tile * BLOCK_C + cols
+            b0n = tl.load(p2_base + cn)
+            b1n = tl.load(p2_base + P2S + cn)
+            b2n = tl.load(p2_base + 2 * P2S + cn)
+            oidxn = tl.load(perm2_base + cn, mask=cn < L2, other=0)
+            bxn = box_base + nxt_tile * 6
+            lo0n, lo1n, lo2n = tl.load(bxn), tl.load(bxn + 1), tl.load(bxn + 2)
+            hi0n, hi1n, hi2n = tl.load(bxn + 3), tl.load(bxn + 4), tl.load(bxn + 5)
+            nn_tile = tl.load(order_ptr + lbase + j + 2, mask=j + 2 < n_steps, other=0).to(tl.int32)
+            nn_lb = tl.load(lbs_ptr + lbase + j + 2, mask=j + 2 < n_steps, other=inf)
+            # entry j, whose loads were requested one step earlier
+            g0 = tl.maximum(tl.maximum(lo0 - a0, a0 - hi0), 0.0)
+            g1 = tl.maximum(tl.maximum(lo1 - a1, a1 - hi1), 0.0)
+            g2 = tl.maximum(tl.maximum(lo2 - a2, a2 - hi2), 0.0)
+            if NORM == 2:
+                lb = g0 * g0 + g1 * g1 + g2 * g2
+            else:
+                lb = g0 + g1 + g2
+            if K == 1:
+                kth = best1_d
+            else:
+                kth = tl.max(best_d, 0)
+            if tl.max(tl.where(qmask & (lb * SHRINK <= kth), 1, 0), 0) > 0:
+                cmask = (tile * BLOCK_C + cols) < L2
+                dist = _pair_dist3(a0, a1, a2, b0.to(ACC), b1.to(ACC), b2.to(ACC), NORM)
+                dist = tl.where(cmask[:, None], dist, inf)
+                if K == 1:
+                    best1_d, best1_i = _nearest_update(dist, oidx.to(tl.int32), 0, best1_d, best1_i, True)
+                else:
+                    best_d, best_i = _topk_insert(dist, oidx.to(tl.int32), best_d, best_i, K)
+            j += 1
+            if K == 1:
+                kth = best1_d
+            else:
+                kth = tl.max(best_d, 0)
+            thr = tl.max(tl.where(qmask, kth, -inf), 0)
+            go_on = more & (nxt_lb * SHRINK <= thr)
+            tile, nxt_tile, nxt_lb = nxt_tile, nn_tile, nn_lb
+            b0, b1, b2, oidx = b0n, b1n, b2n, oidxn
+            lo0, lo1, lo2, hi0, hi1, hi2 = lo0n, lo1n, lo2n, hi0n, hi1n, hi2n
+        row_ok = q < P1
+        q_out = tl.load(perm1_ptr + n.to(tl.int64) * P1 + q, mask=row_ok, other=0)
+        out_base = n.to(tl.int64) * P1 * K
+        if K == 1:
+            valid = qmask & (L2 > 0) & (best1_d < inf)
+            _store_slot(dist_ptr, idx_ptr, out_base + q_out, row_ok, valid, best1_d, best1_i, True)
+        else:
+            _store_topk(dist_ptr, idx_ptr, out_base + q_out * K, row_ok, qmask, L2, best_d, best_i, K, KP, True)
+
+    @triton.jit
     def _bbox_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, part_ptr, P1, P2, CH1, CH2,
                      D: tl.constexpr, DM: tl.constexpr, DP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         """Partial joint box of both clouds' valid points: program (c, n) covers rows [c*CH, (c+1)*CH) of each cloud
@@ -1084,8 +1188,11 @@ class SortedTiles(NamedTuple):
     bits: int
 
 
-# 3-D sorted searches through _knn_walk3_kernel (the latency-arranged walk); False: _knn_fwd_kernel. Benchmarks set it.
-_WALK3 = os.environ.get("PROTODEPTH_KNN_WALK3", "0") == "1"
+# 3-D sorted searches of 32-query / 32-candidate tiles through _knn_walk3_kernel (the latency-arranged walk; H200, the
+# training step's KNN pair at B = 32, graph replay: search kernels 0.699 -> 0.653 ms, pair 0.752 -> 0.721 ms; with
+# 64-point tiles it was slower, 0.84 -> 1.10 ms). PROTODEPTH_KNN_WALK3=0: always _knn_fwd_kernel. Benchmarks set it.
+# 2: _knn_walk3p_kernel (loads one tile ahead).
+_WALK3 = int(os.environ.get("PROTODEPTH_KNN_WALK3", "1"))
 
 # Morton bits per axis for the counting sort; None: chosen from the cloud sizes (_morton_bits). Benchmarks set it.
 _MORTON_BITS = None
@@ -1279,8 +1386,10 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
         part_i = torch.empty(S, N, P1, K, dtype=torch.int32, device=dev)
         tickets = _tickets(N * T1, dev)
     kp = _next_pow2(max(K, 2))
-    if sort and D == 3 and S == 1 and _WALK3:
-        _run(_knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1, perm2, box, order, lbs,
+    # (any tiles under the interpreter, whose 16-point tiles stand for the GPU's 32)
+    if sort and D == 3 and S == 1 and _WALK3 and ((bq == 32 and bc == 32) or _interpreting()):
+        _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
+             perm2, box, order, lbs,
              P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,
              num_warps=warps)
         return dists, idx

@@ -78,8 +78,8 @@ def _sortable(points: torch.Tensor, sort: Optional[bool]) -> bool:
     return bool(sort) or n * p >= SORT_MIN_POINTS
 
 
-def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None,
-               tile: Optional[int] = None, grid: Optional[SortedCloud] = None,
+def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None, *,
+               grid: Optional[SortedCloud] = None, tile: Optional[int] = None,
                candidate_tile: Optional[int] = None) -> SortedCloud:
     """points (N, P, D) padded, lengths (N,) integer valid points per cloud (None: all) -> SortedCloud.
 

@@ -93,15 +93,15 @@ def test_interpreter_presorted_clouds_equal_two_plain_calls(interp_report):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("sort", [False, True])
-def test_cuda_sorted_pair_equals_knn_points(sort):
+@pytest.mark.parametrize("sort,ctile", [(False, None), (True, None), (True, 16)])
+def test_cuda_sorted_pair_equals_knn_points(sort, ctile):
     from protodepth.benchmarks.knn_pair import make_inputs
 
     pred, target, lengths = make_inputs("b2", seed=3)
     lengths[1] = 7001
     a = pred.clone().requires_grad_()
-    st = sort_cloud(target, lengths, sort=sort)
-    sp = sort_cloud(a, sort=sort, grid=st)
+    st = sort_cloud(target, lengths, sort=sort, candidate_tile=ctile)
+    sp = sort_cloud(a, sort=sort, grid=st, candidate_tile=ctile)
     assert sp.is_sorted == sort and st.is_sorted == sort
     s = knn_points_sorted(sp, st, K=1)
     g = knn_points_sorted(st, sp, K=3)

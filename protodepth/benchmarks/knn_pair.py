@@ -19,7 +19,8 @@ what a step that sorts it beside the backbone pays), `sorted-force` (sort_cloud(
 where `sort_cloud` would keep small clouds unsorted; also `presorted-force`). Flags after a dash: `-grid` sorts the
 pred on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-t64` / `-p64` sorts the target / pred in
 64-point tiles (query tiles of 2 warps where that cloud holds the queries); `-tc64` the target as candidates in
-64-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`); `-slot` / `-global` runs only
+64-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`; `-pc16`: the pred as candidates
+in 16-point tiles); `-slot` / `-global` runs only
 that direction (its forward and backward: the profile of one direction).
 """
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Pair:
         self.tgt_sorted = None
         # "-tNN" / "-pNN": the target's / pred's tile size in the sorted variants (default 32)
         parts = variant.split("-")
-        self.tiles = {p[:-2]: int(p[-2:]) for p in parts[1:] if p[:-2] in ("t", "p", "tc") and p[-2:].isdigit()}
+        self.tiles = {p[:-2]: int(p[-2:]) for p in parts[1:] if p[:-2] in ("t", "p", "tc", "pc") and p[-2:].isdigit()}
         self.kind, self.force = parts[0], (True if "force" in parts else None)
         self.grid = "grid" in parts  # pred sorted on the target's Morton grid
         # "-slot" / "-global": only that direction (forward and backward), to split the profile
@@ -130,7 +131,8 @@ class Pair:
             return knn_points_sorted(box["t"], box["p"], K=K_GLOBAL).dists
 
         def sort_pred():
-            box["p"] = sort_cloud(pred, sort=force, tile=self.tiles.get("p"), grid=box["t"] if self.grid else None)
+            box["p"] = sort_cloud(pred, sort=force, tile=self.tiles.get("p"), grid=box["t"] if self.grid else None,
+                                  candidate_tile=self.tiles.get("pc"))
 
         self._sort_pred = sort_pred
         return slot, glob, sort_target

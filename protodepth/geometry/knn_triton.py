@@ -1188,7 +1188,7 @@ class SortedTiles(NamedTuple):
     bits: int
 
 
-# 3-D sorted searches of 32-query / 32-candidate tiles through _knn_walk3_kernel (the latency-arranged walk; H200, the
+# 3-D sorted searches of 32-query / 16- or 32-candidate tiles through _knn_walk3_kernel (the latency-arranged walk; H200, the
 # training step's KNN pair at B = 32, graph replay: search kernels 0.699 -> 0.653 ms, pair 0.752 -> 0.721 ms; with
 # 64-point tiles it was slower, 0.84 -> 1.10 ms). PROTODEPTH_KNN_WALK3=0: always _knn_fwd_kernel. Benchmarks set it.
 # 2: _knn_walk3p_kernel (loads one tile ahead).
@@ -1387,7 +1387,7 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
         tickets = _tickets(N * T1, dev)
     kp = _next_pow2(max(K, 2))
     # (any tiles under the interpreter, whose 16-point tiles stand for the GPU's 32)
-    if sort and D == 3 and S == 1 and _WALK3 and ((bq == 32 and bc == 32) or _interpreting()):
+    if sort and D == 3 and S == 1 and _WALK3 and ((bq == 32 and bc in (16, 32)) or _interpreting()):
         _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
              perm2, box, order, lbs,
              P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,

@@ -6,7 +6,7 @@ distances of points hundreds of metres away, summed over 10^4 points, lose every
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -175,11 +175,19 @@ class PrototypeTerms:
 
     def __init__(self, terms: dict[str, torch.Tensor], cfg: LossConfig, stream: "torch.cuda.Stream | None"):
         self._terms, self._weighted, self._stream = terms, _weighted(terms, cfg), stream
+        self._ready = None
+        if stream is not None:  # what join() waits for: these values, not the side stream's later work
+            self._ready = torch.cuda.Event()
+            self._ready.record(stream)
 
     def join(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
         """({edge, normal, laplacian} each (), their weighted summands of the total), safe to use on the
         current stream."""
-        _join(self._stream, (*self._terms.values(), *self._weighted))
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self._stream.device)
+            current.wait_event(self._ready)
+            for t in (*self._terms.values(), *self._weighted):
+                t.record_stream(current)
         self._stream = None
         return self._terms, self._weighted
 
@@ -227,8 +235,12 @@ def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: Lo
     side = _fork(prototypes.device, "prototypes", (prototypes,))
     with _on(side), torch.autocast(device_type=prototypes.device.type, enabled=False):
         protos = prototypes.float()
-        terms = prototype_terms(protos, faces, cfg) if side is None else terms_with_early_gradients(protos, faces, cfg)
-        return PrototypeTerms(terms, cfg, side)
+        if side is None:
+            return PrototypeTerms(prototype_terms(protos, faces, cfg), cfg, None)
+        terms, fill_gradients = terms_with_early_gradients(protos, faces, cfg)
+        early = PrototypeTerms(terms, cfg, side)  # the loss waits for these values only ...
+        fill_gradients()  # ... not for their gradients, which the side stream computes beside the rest of the step
+        return early
 
 
 class TargetSort:
@@ -258,32 +270,40 @@ def start_target_sort(target: torch.Tensor, lengths: torch.Tensor, level: Sampli
 
 
 class _EarlyGradients(torch.autograd.Function):
-    """Values whose gradients were computed already: forward returns `values` (T,); backward returns
-    sum_t grad_out[t] * grads[t] for prototypes (grads (T, P, V, 3), the gradient of each value)."""
+    """Values whose gradients are computed outside the caller's backward: forward returns `values` (T,); backward
+    returns sum_t grad_out[t] * grads[t] for prototypes, grads (T, P, V, 3) holding the gradient of each value
+    by then (filled after this forward, on the same stream; kept unversioned for that reason)."""
 
     @staticmethod
     def forward(ctx, prototypes, values, grads):
-        ctx.save_for_backward(grads)
+        ctx.grads = grads
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grads,) = ctx.saved_tensors
-        return torch.tensordot(grad_out, grads, dims=1), None, None
+        return torch.tensordot(grad_out, ctx.grads, dims=1), None, None
 
 
-def terms_with_early_gradients(prototypes: torch.Tensor, faces: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """`prototype_terms` whose gradients with respect to prototypes (P, V, 3) are computed now, where this runs,
-    rather than in the caller's backward, which then only scales and sums them (one small kernel)."""
+def terms_with_early_gradients(prototypes: torch.Tensor, faces: torch.Tensor,
+                               cfg: LossConfig) -> tuple[dict[str, torch.Tensor], "Callable[[], None]"]:
+    """`prototype_terms` of prototypes (P, V, 3) whose gradients are computed where this runs rather than in the
+    caller's backward, which then only scales and sums them (one small kernel).
+
+    -> (terms, fill_gradients): the values now; fill_gradients() then computes their gradients, and must run
+    before the caller's backward, on the same stream (so a caller can hand the values over first)."""
     if not (prototypes.requires_grad and torch.is_grad_enabled()):
-        return prototype_terms(prototypes, faces, cfg)
+        return prototype_terms(prototypes, faces, cfg), lambda: None
     leaf = prototypes.detach().requires_grad_()
     terms = prototype_terms(leaf, faces, cfg)
-    last = len(terms) - 1
-    grads = [torch.autograd.grad(t, leaf, retain_graph=i < last, allow_unused=True, materialize_grads=True)[0]
-             for i, t in enumerate(terms.values())]
-    values = _EarlyGradients.apply(prototypes, torch.stack([t.detach() for t in terms.values()]), torch.stack(grads))
-    return dict(zip(terms, values.unbind(0)))
+    grads = prototypes.new_empty((len(terms), *prototypes.shape))
+    values = _EarlyGradients.apply(prototypes, torch.stack([t.detach() for t in terms.values()]), grads)
+
+    def fill_gradients() -> None:
+        last = len(terms) - 1
+        torch.stack([torch.autograd.grad(t, leaf, retain_graph=i < last, allow_unused=True,
+                                         materialize_grads=True)[0] for i, t in enumerate(terms.values())], out=grads)
+
+    return dict(zip(terms, values.unbind(0))), fill_gradients
 
 
 def subsample_targets(target: torch.Tensor, lengths: torch.Tensor, n: int,

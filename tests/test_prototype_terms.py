@@ -92,12 +92,14 @@ def test_early_gradients_give_the_regularisers_values_and_their_gradient_under_a
     _, protos, faces, *_, cfg, _, _ = small_loss_problem()
     base = protos.detach().requires_grad_()
     upstream = {"edge": 0.5, "normal": -2.0, "laplacian": 3.7}
-    got, want = terms_with_early_gradients(base * 1.0, faces, cfg), prototype_terms(base * 1.0, faces, cfg)
+    (got, fill_gradients), want = terms_with_early_gradients(base * 1.0, faces, cfg), prototype_terms(base * 1.0, faces, cfg)
     assert all(torch.equal(got[k], want[k]) for k in want)
+    fill_gradients()
     (g_got,) = torch.autograd.grad(sum(upstream[k] * got[k] for k in got), base)
     (g_want,) = torch.autograd.grad(sum(upstream[k] * want[k] for k in want), base)
     assert g_want.abs().max() > 0
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
     with torch.no_grad():  # validation: values only, nothing to differentiate
-        assert all(torch.equal(v, want[k]) and not v.requires_grad
-                   for k, v in terms_with_early_gradients(base, faces, cfg).items())
+        values, fill_gradients = terms_with_early_gradients(base, faces, cfg)
+        fill_gradients()
+        assert all(torch.equal(v, want[k]) and not v.requires_grad for k, v in values.items())

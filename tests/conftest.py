@@ -43,13 +43,18 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture(scope="session", autouse=True)
 def background_jobs(request):
     """Starts, with the session's first test, the subprocess jobs that the modules of the selected tests declare
-    in BACKGROUND_JOBS for a fixture those tests use (trainer_utils says why); ends what is left at the end."""
-    from trainer_utils import background_job, end_background_jobs
+    in BACKGROUND_JOBS for a fixture those tests use (trainer_utils says why); ends what is left at the end.
+    One-process jobs are queued first: they fit beside the in-process tests (one core each), while the
+    LaneCalls' 2-process launches get both cores once the in-process tests are done."""
+    from trainer_utils import LaneCall, background_job, end_background_jobs
 
+    wanted = {}
     for item in request.session.items:
         for name, start in getattr(getattr(item, "module", None), "BACKGROUND_JOBS", {}).items():
             if name in item.fixturenames:
-                background_job(name, start)
+                wanted.setdefault(name, start)
+    for name, start in sorted(wanted.items(), key=lambda job: isinstance(job[1], LaneCall)):
+        background_job(name, start)
     yield
     end_background_jobs()
 

@@ -284,6 +284,10 @@ def main(argv: list[str]) -> int:
                    help="also time the graphed step's optimizer tail (norm, clipping, flags, Adam) eager against "
                         "captured in a CUDA graph")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the b32 full step")
+    p.add_argument("--ablate", nargs="+", default=None, metavar="VARIANT",
+                   help="instead of the tables above: the graphed step (bf16) with parts of the geometry replaced "
+                        "by stand-ins, e.g. full noknn noproto noknn+noproto; 'alone': the prototype regularisers "
+                        "by themselves (protodepth/benchmarks/step_ablation.py)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--loader", action="store_true",
                    help="also time the step fed by the real DataLoader over the preprocessed cache")
@@ -297,6 +301,11 @@ def main(argv: list[str]) -> int:
     torch.backends.cudnn.benchmark = True
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  ico level {args.ico_level}"
           f"  compile {args.compile}  adam {args.adam}")
+    if args.ablate:
+        from protodepth.benchmarks.step_ablation import run_ablation
+
+        run_ablation(args.ablate, args, device)
+        return 0
     rows: list[Result] = []
     t0 = time.time()
     for name in args.shapes:

@@ -6,8 +6,6 @@ import logging
 import os
 import re
 import shlex
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -91,13 +89,30 @@ BLOCK_DEEPSPEED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_trainer_trains_without_deepspeed_installed(tmp_path):
+def _no_deepspeed_run(folder):
+    """A background job of trainer_utils (it runs beside the in-process tests): one step with DeepSpeed and
+    transformers blocked (checkpoint without fsync: nothing here needs durability)."""
     import yaml
 
-    overrides = tiny_overrides(tmp_path, **{"train.max_steps": 1})
-    r = subprocess.run([sys.executable, "-c", BLOCK_DEEPSPEED, yaml.safe_dump(overrides)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "trained" in r.stdout
+    from trainer_utils import python
+
+    overrides = tiny_overrides(folder, **{"train.max_steps": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PROTODEPTH_CHECKPOINT_FSYNC": "0"}
+    return [python(), "-c", BLOCK_DEEPSPEED, yaml.safe_dump(overrides)], env, {}
+
+
+BACKGROUND_JOBS = {"no_deepspeed_run": _no_deepspeed_run}
+
+
+@pytest.fixture
+def no_deepspeed_run():
+    from trainer_utils import background_job
+
+    return background_job("no_deepspeed_run", _no_deepspeed_run).result(timeout=900)
+
+
+@pytest.mark.slow
+def test_trainer_trains_without_deepspeed_installed(no_deepspeed_run):
+    rc, out, err = no_deepspeed_run
+    assert rc == 0, err[-3000:]
+    assert "trained" in out

@@ -260,6 +260,7 @@ class _Lane:
         self.jobs: dict[str, BackgroundJob] = {}
         self.queue: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
+        self.closing = False
 
     def submit(self, name: str, spec) -> BackgroundJob:
         if name not in self.jobs:
@@ -272,18 +273,40 @@ class _Lane:
 
     def _work(self) -> None:
         while (job := self.queue.get()) is not None:
-            job.run()
+            if self.closing:  # the session ended first (pytest -x, an interrupt): start nothing more
+                job.error = AssertionError("the session ended before this background job started")
+                job.done.set()
+            else:
+                job.run()
 
     def end(self) -> None:
         if self.thread is not None:
+            self.closing = True
             self.queue.put(None)
             for job in self.jobs.values():
                 job.stop()
+            if any(isinstance(j.spec, LaneCall) and j.folder is not None and not j.done.is_set()
+                   for j in self.jobs.values()):
+                _kill_children()  # a LaneCall's launches, still running (the trainer's workers end with them)
             self.thread.join(timeout=30)
         for job in self.jobs.values():
             if job.folder is not None:
                 shutil.rmtree(job.folder, ignore_errors=True)
         self.__init__()
+
+
+def _kill_children() -> None:
+    """SIGKILL the child processes of this process, found through /proc (Linux)."""
+    import signal
+
+    me = str(os.getpid())
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if ppid == me:
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, IndexError):  # gone meanwhile, or not readable
+            continue
 
 
 _LANE = _Lane()

@@ -46,6 +46,7 @@ class CompiledForward:
         if mode != "eager" and mode not in COMPILED:
             raise ValueError(f"mode: expected 'eager' or one of {COMPILED}, got {mode!r}")
         self.step, self.mode = step, mode
+        self.primed = False  # reduce-overhead: the geometry's kept buffers made outside the graph pool (_prime)
         module = step.module
         # Accelerate patches forward with its autocast and an fp32 cast of the outputs; the autocast is entered
         # here instead (the same context), and the outputs the loss reads are float32 already
@@ -76,6 +77,30 @@ class CompiledForward:
                                level=level, draws=draws, proto_terms=early)
         return scene, res
 
+    def _prime(self, batch: dict, level) -> None:
+        """Make the geometry's kept buffers before Inductor's CUDA-graph trees first run the step.
+
+        The trees' first (warm-up) run allocates from their private memory pool, on their own stream, and then
+        checks that every live allocation in the pool is one of the outputs. The mesh losses' topology (cached per
+        faces tensor on first use) and the KNN's ticket buffer (kept per stream) would be made there and kept, which
+        fails that check ("Detected 15 tensor(s) in the cudagraph pool not tracked as outputs", torch 2.11). One
+        eager forward and backward on the trees' stream, outside the pool, makes them first, as the hand-captured
+        graph's eager warm-up steps do before its capture."""
+        from torch._inductor import cudagraph_trees
+
+        from protodepth.geometry import capture_mode
+
+        device = batch["image"].device
+        stream = cudagraph_trees.get_manager(device.index).stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), capture_mode():
+            draws = self.draws(batch, level, seed=0)
+            _, res = self.forward_loss(batch["image"], batch["cloud"], batch["lengths"], level, draws)
+            res.total.backward()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.step.zero_grad()
+        self.primed = True
+
     def draws(self, batch: dict, level, seed: int):
         """This micro-batch's random draws, from the step's generator seeded as the trainer seeds it."""
         from protodepth.loss import draw_uniforms
@@ -89,6 +114,8 @@ class CompiledForward:
         """TrainStep._forward_backward: forward, loss and backward of one micro-batch -> (scene, loss output)."""
         from protodepth.geometry import capture_mode
 
+        if self.mode == "reduce-overhead" and not self.primed and batch["image"].is_cuda:
+            self._prime(batch, level)
         draws = self.draws(batch, level, seed)
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read

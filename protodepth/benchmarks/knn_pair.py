@@ -236,8 +236,13 @@ def run_variant(variant: str, shape: str, rep_ms: float, base=None, profile=True
 
 def main(args) -> int:
     """--step-pair: every variant on every shape; a table of graph / eager ms and the per-kernel profiles."""
-    base = importlib.import_module(args.base) if args.base else None
-    variants = [v for v in args.variants if v != "base" or base is not None]
+    base = None
+    if args.base:
+        try:
+            base = importlib.import_module(args.base)
+        except ImportError as exc:  # the comparison without it rather than nothing
+            print(f"--base {args.base}: not importable ({exc}); timing without it", flush=True)
+    variants = [v for v in args.variants if v.split("-")[0] != "base" or base is not None]
     rows = []
     for shape in args.pair_shapes:
         ref = None

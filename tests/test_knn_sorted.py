@@ -58,6 +58,13 @@ def test_sort_cloud_refuses_a_cloud_that_is_not_n_p_d():
         sort_cloud(torch.randn(5, 3))
 
 
+def test_sort_cloud_refuses_tile_sizes_the_search_has_no_kernel_for():
+    with pytest.raises(ValueError, match="^tile"):
+        sort_cloud(torch.randn(2, 5, 3), tile=48)
+    with pytest.raises(ValueError, match="candidate_tile"):
+        sort_cloud(torch.randn(2, 5, 3), candidate_tile=128)
+
+
 def test_knn_points_sorted_checks_like_knn_points():
     a, b, lb = _clouds()
     with pytest.raises(ValueError, match="K"):

@@ -197,7 +197,9 @@ def bench_mode(name: str, mode: str, args, device) -> Row:
 
     torch.cuda.reset_peak_memory_stats()
     first = _synced_wall(one)
+    print(f"  {name} {mode}: first step {first:.1f} s", flush=True)  # what a run cut short still says
     warm = _synced_wall(lambda: [one() for _ in range(args.warmup - 1)])
+    print(f"  {name} {mode}: {args.warmup - 1} more warm-up steps {warm:.1f} s", flush=True)
     graphs, breaks, skips = _dynamo_counts()
     times = time_steps(one, 0, args.repeats)
     med = statistics.median(times)

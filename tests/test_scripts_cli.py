@@ -50,8 +50,8 @@ def test_train_flags_become_config_overrides(capsys):
 @pytest.mark.parametrize("argv, last", [
     (["bogus"], "error: 'bogus' is an unknown benchmark; choose one of knn, data, step, scaling, compile"),
     ([], "error: name a benchmark first: one of knn, data, step, scaling, compile (--help says what each measures)"),
-    (["--shapes", "b2"], "error: name a benchmark first: one of knn, data, step, scaling, compile (--help says what each "
-                         "measures)"),
+    (["--shapes", "b2"], "error: name a benchmark first: one of knn, data, step, scaling, compile (--help says what "
+                         "each measures)"),
 ])
 def test_benchmark_without_a_known_benchmark_is_one_line(argv, last, capsys):
     rc, out, err = _run(_script("benchmark"), argv, capsys)

@@ -44,8 +44,8 @@ def pytest_collection_modifyitems(session, config, items):
 def background_jobs(request):
     """Starts, with the session's first test, the subprocess jobs that the modules of the selected tests declare
     in BACKGROUND_JOBS for a fixture those tests use (trainer_utils says why); ends what is left at the end.
-    One-process jobs are queued first: they fit beside the in-process tests (one core each), while the
-    LaneCalls' 2-process launches get both cores once the in-process tests are done."""
+    One-core jobs are queued first: they fit beside the in-process tests, while the LaneCalls' 2-process
+    launches get both cores once the in-process tests are done."""
     from trainer_utils import LaneCall, background_job, end_background_jobs
 
     wanted = {}
@@ -53,7 +53,7 @@ def background_jobs(request):
         for name, start in getattr(getattr(item, "module", None), "BACKGROUND_JOBS", {}).items():
             if name in item.fixturenames:
                 wanted.setdefault(name, start)
-    for name, start in sorted(wanted.items(), key=lambda job: isinstance(job[1], LaneCall)):
+    for name, start in sorted(wanted.items(), key=lambda job: job[1].cores if isinstance(job[1], LaneCall) else 0):
         background_job(name, start)
     yield
     end_background_jobs()

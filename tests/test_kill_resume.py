@@ -146,7 +146,8 @@ def _kill_resume_runs(folder: Path) -> dict:
     return out
 
 
-KILL_RESUME_RUNS = LaneCall(_kill_resume_runs)
+# one core: after the reference run's few steps, one single-threaded process at a time
+KILL_RESUME_RUNS = LaneCall(_kill_resume_runs, cores=1)
 BACKGROUND_JOBS = {"kill_resume_runs": KILL_RESUME_RUNS}
 
 

@@ -205,8 +205,9 @@ class LaneCall:
     happen beside the other tests. Its assertions fail in the lane and are raised again by result() in the test
     that reads it. Its processes must end by themselves (every launch has a timeout)."""
 
-    def __init__(self, fn):
-        self.fn, self.__name__ = fn, fn.__name__
+    def __init__(self, fn, cores: int = 2):
+        # cores: how many processes it keeps busy at once (conftest.py queues the one-core jobs first)
+        self.fn, self.__name__, self.cores = fn, fn.__name__, cores
 
 
 class BackgroundJob:

@@ -12,7 +12,6 @@ import torch
 
 from protodepth.config import LossConfig
 from protodepth.geometry import (
-    knn_points,
     mesh_edge_loss,
     mesh_laplacian_smoothing,
     mesh_normal_consistency,
@@ -227,8 +226,8 @@ def start_prototype_terms(prototypes: torch.Tensor, faces: torch.Tensor, cfg: Lo
 
     They do not depend on the image, so on CUDA they run on a side stream, concurrently with the backbone's
     forward, and their gradients are computed there too, right away (`terms_with_early_gradients`): a few
-    hundred small kernels off the step's critical path. (Left to the step's backward, that chain ran after the
-    backbone's backward rather than beside it: measured +0.3 ms at B = 32 and +0.45 ms at B = 2 on an H200.)
+    hundred small kernels off the step's critical path. (Left to the step's backward, their gradients cost the
+    graphed step 0.3 ms at B = 32 and 0.45 ms at B = 2 on an H200: `scripts/benchmark.py step --ablate`.)
     On the CPU, and while torch.compile traces, they are computed here, inline. The values are identical either
     way; the gradients differ in summation order only.
     """

@@ -25,7 +25,7 @@ import protodepth.training.step as TS
 from protodepth.geometry.knn import KNN
 
 VARIANTS = ("full", "noknn", "onlyslot", "onlyglobal", "nosample", "noproto", "norep")
-_REAL = {"knn_points": L.knn_points, "knn_points_sorted": L.knn_points_sorted, "repulsion": L.repulsion,
+_REAL = {"knn_points_sorted": L.knn_points_sorted, "repulsion": L.repulsion,
          "sample_points_from_uniforms": L.sample_points_from_uniforms,
          "sample_points_from_meshes": L.sample_points_from_meshes}
 _REAL_START = TS.start_prototype_terms
@@ -61,7 +61,6 @@ def apply(variant: str) -> None:
             raise SystemExit(f"--ablate: unknown variant {part!r}, expected one of {', '.join(VARIANTS)} joined by +")
         if part in ("noknn", "onlyslot", "onlyglobal"):
             L.knn_points_sorted = _sorted_stand_in({"noknn": None, "onlyslot": "slot", "onlyglobal": "global"}[part])
-            L.knn_points = lambda p1, p2, lengths1=None, lengths2=None, K=1, **kw: _cheap_knn(p1, p2, K)
         elif part == "nosample":
             L.sample_points_from_uniforms = lambda verts, faces, face_u, uv: verts[:, : face_u.shape[1]] * 1.0
             L.sample_points_from_meshes = lambda verts, faces, n, generator=None, **kw: verts[:, :n] * 1.0

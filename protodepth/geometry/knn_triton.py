@@ -344,34 +344,14 @@ if triton is not None:
         return dist
 
     @triton.jit
-    def _gap_bound3(a0, a1, a2, lo0, lo1, lo2, hi0, hi1, hi2, NORM: tl.constexpr):
-        """(BLOCK_Q,) lower bound of each 3-D query's distance to the box [lo, hi]."""
-        g0 = tl.maximum(tl.maximum(lo0 - a0, a0 - hi0), 0.0)
-        g1 = tl.maximum(tl.maximum(lo1 - a1, a1 - hi1), 0.0)
-        g2 = tl.maximum(tl.maximum(lo2 - a2, a2 - hi2), 0.0)
+    def _box_bound3(a0, a1, a2, box, NORM: tl.constexpr):
+        """(BLOCK_Q,) lower bound of each 3-D query's distance to the box (lo, hi) at box (2, 3)."""
+        g0 = tl.maximum(tl.maximum(tl.load(box) - a0, a0 - tl.load(box + 3)), 0.0)
+        g1 = tl.maximum(tl.maximum(tl.load(box + 1) - a1, a1 - tl.load(box + 4)), 0.0)
+        g2 = tl.maximum(tl.maximum(tl.load(box + 2) - a2, a2 - tl.load(box + 5)), 0.0)
         if NORM == 2:
             return g0 * g0 + g1 * g1 + g2 * g2
         return g0 + g1 + g2
-
-    @triton.jit
-    def _box_bound3(a0, a1, a2, box, NORM: tl.constexpr):
-        """(BLOCK_Q,) lower bound of each 3-D query's distance to the box (lo, hi) at box (2, 3)."""
-        return _gap_bound3(a0, a1, a2, tl.load(box), tl.load(box + 1), tl.load(box + 2), tl.load(box + 3),
-                           tl.load(box + 4), tl.load(box + 5), NORM)
-
-    @triton.jit
-    def _walk_store(dist_ptr, idx_ptr, perm1_ptr, n, q, qmask, P1, L2, best_d, best_i,
-                    K: tl.constexpr, KP: tl.constexpr):
-        """The walk's results of sorted queries q (BLOCK_Q,) to their original rows, PyTorch3D padding: best_d /
-        best_i (BLOCK_Q,) for K = 1, else (KP, BLOCK_Q)."""
-        row_ok = q < P1
-        q_out = tl.load(perm1_ptr + n.to(tl.int64) * P1 + q, mask=row_ok, other=0)
-        out_base = n.to(tl.int64) * P1 * K
-        if K == 1:
-            valid = qmask & (L2 > 0) & (best_d < float("inf"))
-            _store_slot(dist_ptr, idx_ptr, out_base + q_out, row_ok, valid, best_d, best_i, True)
-        else:
-            _store_topk(dist_ptr, idx_ptr, out_base + q_out * K, row_ok, qmask, L2, best_d, best_i, K, KP, True)
 
     @triton.jit
     def _knn_walk3_kernel(
@@ -448,10 +428,14 @@ if triton is not None:
             # later tiles are no nearer than this bound: stop once it exceeds every query's K-th best
             go_on = more & (nxt_lb * SHRINK <= thr)
             tile = nxt_tile
+        row_ok = q < P1
+        q_out = tl.load(perm1_ptr + n.to(tl.int64) * P1 + q, mask=row_ok, other=0)
+        out_base = n.to(tl.int64) * P1 * K
         if K == 1:
-            _walk_store(dist_ptr, idx_ptr, perm1_ptr, n, q, qmask, P1, L2, best1_d, best1_i, K, KP)
+            valid = qmask & (L2 > 0) & (best1_d < inf)
+            _store_slot(dist_ptr, idx_ptr, out_base + q_out, row_ok, valid, best1_d, best1_i, True)
         else:
-            _walk_store(dist_ptr, idx_ptr, perm1_ptr, n, q, qmask, P1, L2, best_d, best_i, K, KP)
+            _store_topk(dist_ptr, idx_ptr, out_base + q_out * K, row_ok, qmask, L2, best_d, best_i, K, KP, True)
 
     @triton.jit
     def _knn_walk3p_kernel(
@@ -519,7 +503,13 @@ if triton is not None:
             nn_tile = tl.load(order_ptr + lbase + j + 2, mask=j + 2 < n_steps, other=0).to(tl.int32)
             nn_lb = tl.load(lbs_ptr + lbase + j + 2, mask=j + 2 < n_steps, other=inf)
             # entry j, whose loads were requested one step earlier
-            lb = _gap_bound3(a0, a1, a2, lo0, lo1, lo2, hi0, hi1, hi2, NORM)
+            g0 = tl.maximum(tl.maximum(lo0 - a0, a0 - hi0), 0.0)
+            g1 = tl.maximum(tl.maximum(lo1 - a1, a1 - hi1), 0.0)
+            g2 = tl.maximum(tl.maximum(lo2 - a2, a2 - hi2), 0.0)
+            if NORM == 2:
+                lb = g0 * g0 + g1 * g1 + g2 * g2
+            else:
+                lb = g0 + g1 + g2
             if K == 1:
                 kth = best1_d
             else:
@@ -542,10 +532,14 @@ if triton is not None:
             tile, nxt_tile, nxt_lb = nxt_tile, nn_tile, nn_lb
             b0, b1, b2, oidx = b0n, b1n, b2n, oidxn
             lo0, lo1, lo2, hi0, hi1, hi2 = lo0n, lo1n, lo2n, hi0n, hi1n, hi2n
+        row_ok = q < P1
+        q_out = tl.load(perm1_ptr + n.to(tl.int64) * P1 + q, mask=row_ok, other=0)
+        out_base = n.to(tl.int64) * P1 * K
         if K == 1:
-            _walk_store(dist_ptr, idx_ptr, perm1_ptr, n, q, qmask, P1, L2, best1_d, best1_i, K, KP)
+            valid = qmask & (L2 > 0) & (best1_d < inf)
+            _store_slot(dist_ptr, idx_ptr, out_base + q_out, row_ok, valid, best1_d, best1_i, True)
         else:
-            _walk_store(dist_ptr, idx_ptr, perm1_ptr, n, q, qmask, P1, L2, best_d, best_i, K, KP)
+            _store_topk(dist_ptr, idx_ptr, out_base + q_out * K, row_ok, qmask, L2, best_d, best_i, K, KP, True)
 
     @triton.jit
     def _bbox_kernel(p1_ptr, p2_ptr, len1_ptr, len2_ptr, part_ptr, P1, P2, CH1, CH2,

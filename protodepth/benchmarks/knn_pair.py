@@ -273,7 +273,8 @@ def main(args) -> int:
 
 def add_arguments(ap) -> None:
     ap.add_argument("--step-pair", action="store_true", help="time the training step's KNN pair (see knn_pair.py)")
-    ap.add_argument("--pair-shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--pair-shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                    help="--step-pair: the step shapes to time (b32: 32 x 3 200 x 20 000, b2: 2 x 6 400 x 10 000)")
     ap.add_argument("--variants", nargs="+", default=["base", "plain", "sorted", "presorted"],
                     help="base, plain, sorted, presorted; the sorted ones may end in -force (sort small clouds too), "
                          "-grid (pred on the target's grid) and -tNN / -pNN: the target's / pred's tile size")

@@ -77,13 +77,9 @@ def test_knn_points_sorted_checks_like_knn_points():
 def interp_report():
     if not HAVE_TRITON:
         pytest.skip("triton is not importable on this machine")
-    from trainer_utils import background_job
+    from trainer_utils import background_json_report
 
-    rc, out, err = background_job("interp_report", _interpreter_run).result(timeout=900)
-    assert rc == 0, f"interpreter run failed:\n{out[-3000:]}\n{err[-6000:]}"
-    import json
-
-    return json.loads([ln for ln in out.splitlines() if ln.startswith("JSON")][-1][4:])
+    return background_json_report("interp_report", _interpreter_run)
 
 
 def test_interpreter_presorted_clouds_equal_two_plain_calls(interp_report):

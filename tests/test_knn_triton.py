@@ -9,7 +9,6 @@ Two groups:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import textwrap
@@ -254,12 +253,9 @@ BACKGROUND_JOBS = {"interp_report": _interpreter_run} if HAVE_TRITON else {}
 def interp_report():
     if not HAVE_TRITON:
         pytest.skip("triton is not importable on this machine")
-    from trainer_utils import background_job  # not at the top: the job itself imports this module
+    from trainer_utils import background_json_report  # not at the top: the job itself imports this module
 
-    rc, out, err = background_job("interp_report", _interpreter_run).result(timeout=900)
-    assert rc == 0, f"interpreter run failed:\n{out[-3000:]}\n{err[-6000:]}"
-    line = [ln for ln in out.splitlines() if ln.startswith("JSON")][-1]
-    return json.loads(line[4:])
+    return background_json_report("interp_report", _interpreter_run)
 
 
 @needs_triton

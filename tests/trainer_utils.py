@@ -317,6 +317,16 @@ def background_job(name: str, spec) -> BackgroundJob:
     return _LANE.submit(name, spec)
 
 
+def background_json_report(name: str, spec, timeout: float = 900) -> dict:
+    """Wait for background job `name` (a script that prints its results as a last line "JSON{...}") and return
+    that dict; fail the caller with the job's output tails if it exited non-zero."""
+    import json
+
+    rc, out, err = background_job(name, spec).result(timeout=timeout)
+    assert rc == 0, f"{name} failed:\n{out[-3000:]}\n{err[-6000:]}"
+    return json.loads([ln for ln in out.splitlines() if ln.startswith("JSON")][-1][4:])
+
+
 DDP_RUNS = LaneCall(_ddp_runs)  # BACKGROUND_JOBS["ddp_runs"] of test_multinode.py and test_distributed.py
 
 

@@ -184,7 +184,8 @@ def bench_loader(args, device) -> None:
 
     Times `args.loader_steps` steps, wall clock: the step on one batch already on the GPU (the ceiling), the
     step fed by DataLoader workers over the preprocessed cache, the step fed by the on-GPU data path
-    (data.device=cuda), and each source alone. Once eager and once with CUDA graphs."""
+    (data.device=cuda), and each source alone. Once eager and once with CUDA graphs (only graphed with
+    --no-eager; the graphed "on one GPU batch" rate is the ceiling the trainer on that config is held to)."""
     from protodepth.config import load_config
     from protodepth.data import build_datasets
     from protodepth.data.loaders import DeviceBatches, workers_per_process
@@ -203,7 +204,7 @@ def bench_loader(args, device) -> None:
           f"{n} steps each)\n")
     print("| step | source | on one GPU batch, samples/s | fed by the source, samples/s | source alone, samples/s |"
           " fed / on one batch |\n| --- | --- | --- | --- | --- | --- |")
-    for graphed in (False, True):
+    for graphed in _step_modes(args) if args.cuda_graphs or args.no_eager else (False, True):
         step, _ = trainer_step(cfg, graphed)
         for name, make in sources.items():
             it = make()

@@ -21,7 +21,9 @@ pred on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-t64
 64-point tiles (query tiles of 2 warps where that cloud holds the queries); `-tc64` the target as candidates in
 64-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`; `-pc16`: the pred as candidates
 in 16-point tiles); `-slot` / `-global` runs only
-that direction (its forward and backward: the profile of one direction).
+that direction (its forward and backward: the profile of one direction); `-walkN` / `-leanN` / `-bwdN` set knn_triton's
+`_WALK3` / `_LEAN` / `_BWD3` while the variant runs (which walk kernel: 0, 1, 2; which K > 1 insertion: 0, 1; the 3-D
+backward kernel: 0, 1).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 
 SHAPES = {"b32": (32, 16, 200, 20000), "b2": (2, 32, 200, 10000)}  # B, slots, samples per slot, targets
 K_GLOBAL = 3
+FLAG_PARTS = {"walk": "_WALK3", "lean": "_LEAN", "bwd": "_BWD3"}  # variant parts that set knn_triton's flags
 
 
 def street_targets(B: int, N: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -97,6 +100,13 @@ class Pair:
         self.grid = "grid" in parts  # pred sorted on the target's Morton grid
         # "-slot" / "-global": only that direction (forward and backward), to split the profile
         self.only = "slot" if "slot" in parts else ("global" if "global" in parts else None)
+        # "-walkN" / "-leanN" / "-bwdN": knn_triton's _WALK3 / _LEAN / _BWD3 (walk kernel, K > 1 insertion, 3-D
+        # backward kernel) while this variant runs
+        self.flags = {}
+        for p in parts[1:]:
+            for prefix, attr in FLAG_PARTS.items():
+                if p.startswith(prefix) and p[len(prefix):].isdigit():
+                    self.flags[attr] = int(p[len(prefix):])
         if self.kind == "presorted":
             from protodepth.geometry.knn_sorted import sort_cloud
 
@@ -139,6 +149,20 @@ class Pair:
 
     def step(self):
         """(slot dists, global dists, grad_pred) of one forward + backward."""
+        if not self.flags:
+            return self._step()
+        from protodepth.geometry import knn_triton as kt
+
+        saved = {k: getattr(kt, k) for k in self.flags}
+        try:
+            for k, v in self.flags.items():
+                setattr(kt, k, v)
+            return self._step()
+        finally:
+            for k, v in saved.items():
+                setattr(kt, k, v)
+
+    def _step(self):
         slot, glob, sort_target = self._directions()
         main = torch.cuda.current_stream()
         if sort_target is not None:

@@ -152,6 +152,44 @@ if triton is not None:
         return best_d, best_i
 
     @triton.jit
+    def _topk_insert_lean(dist, oidx, best_d, best_i, K: tl.constexpr):
+        """_topk_insert with less work per tile, same result (the exact (dist, idx) top-K of slots and tile).
+
+        The tile's candidates are taken in ascending (dist, idx) order only while some query's next one could still
+        enter its top-K (its distance <= that query's current K-th best), at most K times: a query's K-th best only
+        shrinks as candidates enter, so _topk_insert's count of candidates under the K-th best *before* the loop
+        runs more rounds than needed, and that count itself costs a compare, a select and a sum per candidate. A
+        taken candidate leaves the tile by its index alone (indices are distinct within a tile): one compare per
+        candidate instead of two; and nothing of the (dist == min) mask lives across the round (the compiler packed
+        it into bit masks: ~370 instructions per round in the sm_90 PTX of the walk kernel, ~200 here)."""
+        BIG: tl.constexpr = 2147483647
+        m = tl.min(dist, 0)
+        kth = tl.max(best_d, 0)
+        rounds = 0
+        go = tl.max(tl.where(m <= kth, 1, 0), 0) > 0
+        while go:
+            mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
+            # it evicts the worst slot, (dist, idx)-largest, when it is smaller in that order
+            at_mx = best_d == kth[None, :]
+            ev = tl.max(tl.where(at_mx, best_i, -BIG), 0)
+            ins = (m < kth) | ((m == kth) & (mi < ev))
+            sel = at_mx & (best_i == ev[None, :]) & ins[None, :]
+            best_d = tl.where(sel, m[None, :], best_d)
+            best_i = tl.where(sel, mi[None, :], best_i)
+            dist = tl.where(oidx[:, None] == mi[None, :], float("inf"), dist)
+            m = tl.min(dist, 0)
+            kth = tl.max(best_d, 0)
+            rounds += 1
+            go = (rounds < K) & (tl.max(tl.where(m <= kth, 1, 0), 0) > 0)
+        return best_d, best_i
+
+    @triton.jit
+    def _topk_walk(dist, oidx, best_d, best_i, K: tl.constexpr, LEAN: tl.constexpr):
+        if LEAN:
+            return _topk_insert_lean(dist, oidx, best_d, best_i, K)
+        return _topk_insert(dist, oidx, best_d, best_i, K)
+
+    @triton.jit
     def _store_slot(dist_ptr, idx_ptr, off, row_ok, valid, d, i, FINAL: tl.constexpr):
         """One slot per query at off: (d, i) where valid, else PyTorch3D's (0, 0) (FINAL) or the merge's (+inf, -1)."""
         if FINAL:
@@ -358,7 +396,7 @@ if triton is not None:
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
         P1, P2, Q_SD, P2S, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False,
     ):
         """The SORTED walk of _knn_fwd_kernel for D = 3 (one split, PyTorch3D padding written directly), arranged for
         memory latency: the queries are loaded once, the next entry of the tile list (tile and bound) is loaded one
@@ -400,9 +438,12 @@ if triton is not None:
             # issued together: this tile's box, candidates and indices, and the next list entry
             c = tile * BLOCK_C + cols
             cmask = c < L2
-            b0 = tl.load(p2_base + c).to(ACC)
-            b1 = tl.load(p2_base + P2S + c).to(ACC)
-            b2 = tl.load(p2_base + 2 * P2S + c).to(ACC)
+            # entries past L2 (the sorted copy's padding holds anything) load as +inf: their distance to a finite
+            # query is +inf (NaN to an infinite one: never taken either), one select per lane here instead of a
+            # compare and a select per candidate and query on the tile
+            b0 = tl.load(p2_base + c, mask=cmask, other=inf).to(ACC)
+            b1 = tl.load(p2_base + P2S + c, mask=cmask, other=inf).to(ACC)
+            b2 = tl.load(p2_base + 2 * P2S + c, mask=cmask, other=inf).to(ACC)
             oidx = tl.load(perm2_base + c, mask=cmask, other=0).to(tl.int32)
             more = j + 1 < n_steps
             nxt_tile = tl.load(order_ptr + lbase + j + 1, mask=more, other=0).to(tl.int32)
@@ -414,11 +455,11 @@ if triton is not None:
                 kth = tl.max(best_d, 0)
             # <= keeps tiles that could hold an equal distance with a lower original index
             if tl.max(tl.where(qmask & (lb * SHRINK <= kth), 1, 0), 0) > 0:
-                dist = tl.where(cmask[:, None], _pair_dist3(a0, a1, a2, b0, b1, b2, NORM), inf)
+                dist = _pair_dist3(a0, a1, a2, b0, b1, b2, NORM)
                 if K == 1:
                     best1_d, best1_i = _nearest_update(dist, oidx, 0, best1_d, best1_i, True)
                 else:
-                    best_d, best_i = _topk_insert(dist, oidx, best_d, best_i, K)
+                    best_d, best_i = _topk_walk(dist, oidx, best_d, best_i, K, LEAN)
             j += 1
             if K == 1:
                 kth = best1_d
@@ -442,7 +483,7 @@ if triton is not None:
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
         P1, P2, Q_SD, P2S, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False,
     ):
         """_knn_walk3_kernel with the loads one tile ahead: while tile j is searched, tile j + 1's box, candidates
         and indices and list entry j + 2 are already requested (carried in the loop in the layout they load in).
@@ -478,9 +519,9 @@ if triton is not None:
         # entry 0 in full, entry 1's tile and bound
         tile = tl.load(order_ptr + lbase, mask=n_steps > 0, other=0).to(tl.int32)
         c = tile * BLOCK_C + cols
-        b0 = tl.load(p2_base + c)
-        b1 = tl.load(p2_base + P2S + c)
-        b2 = tl.load(p2_base + 2 * P2S + c)
+        b0 = tl.load(p2_base + c, mask=c < L2, other=inf)
+        b1 = tl.load(p2_base + P2S + c, mask=c < L2, other=inf)
+        b2 = tl.load(p2_base + 2 * P2S + c, mask=c < L2, other=inf)
         oidx = tl.load(perm2_base + c, mask=c < L2, other=0)
         bx = box_base + tile * 6
         lo0, lo1, lo2 = tl.load(bx), tl.load(bx + 1), tl.load(bx + 2)
@@ -493,9 +534,9 @@ if triton is not None:
             more = j + 1 < n_steps
             # requested now, used in the next step: entry j + 1's box, candidates, indices; entry j + 2
             cn = nxt_tile * BLOCK_C + cols
-            b0n = tl.load(p2_base + cn)
-            b1n = tl.load(p2_base + P2S + cn)
-            b2n = tl.load(p2_base + 2 * P2S + cn)
+            b0n = tl.load(p2_base + cn, mask=cn < L2, other=inf)
+            b1n = tl.load(p2_base + P2S + cn, mask=cn < L2, other=inf)
+            b2n = tl.load(p2_base + 2 * P2S + cn, mask=cn < L2, other=inf)
             oidxn = tl.load(perm2_base + cn, mask=cn < L2, other=0)
             bxn = box_base + nxt_tile * 6
             lo0n, lo1n, lo2n = tl.load(bxn), tl.load(bxn + 1), tl.load(bxn + 2)
@@ -515,13 +556,11 @@ if triton is not None:
             else:
                 kth = tl.max(best_d, 0)
             if tl.max(tl.where(qmask & (lb * SHRINK <= kth), 1, 0), 0) > 0:
-                cmask = (tile * BLOCK_C + cols) < L2
                 dist = _pair_dist3(a0, a1, a2, b0.to(ACC), b1.to(ACC), b2.to(ACC), NORM)
-                dist = tl.where(cmask[:, None], dist, inf)
                 if K == 1:
                     best1_d, best1_i = _nearest_update(dist, oidx.to(tl.int32), 0, best1_d, best1_i, True)
                 else:
-                    best_d, best_i = _topk_insert(dist, oidx.to(tl.int32), best_d, best_i, K)
+                    best_d, best_i = _topk_walk(dist, oidx.to(tl.int32), best_d, best_i, K, LEAN)
             j += 1
             if K == 1:
                 kth = best1_d
@@ -920,6 +959,108 @@ if triton is not None:
                 tl.atomic_max(acc_ptr + STAT, mbits)
 
     @triton.jit
+    def _contrib3(a, pb_ptr, gv, valid, NORM: tl.constexpr, ACC: tl.constexpr):
+        """One coordinate of dD/dp1 * g (_knn_bwd_kernel's expression, so the same roundings) for queries at a
+        (BLOCK_Q,) and their candidates' coordinate at pb_ptr; 0 where not valid. Returns (c, c finite)."""
+        diff = a - tl.load(pb_ptr, mask=valid, other=0.0).to(ACC)
+        if NORM == 2:
+            c = 2.0 * diff * gv
+        else:
+            c = tl.where(diff > 0, 1.0, -1.0).to(ACC) * gv
+        c = tl.where(valid, c, 0.0)
+        return c, (c == c) & (tl.abs(c) < float("inf"))
+
+    @triton.jit
+    def _fixed_add3(acc_ptr, off, c, fin, valid, scale, SEM: tl.constexpr):
+        """Add a finite contribution c (BLOCK_Q,) to the fixed-point sums at acc_ptr + off (_knn_bwd_kernel's
+        rounding: floor(c * scale + 0.5) in fp64)."""
+        v = tl.floor(c.to(tl.float64) * scale + 0.5).to(tl.int64)
+        tl.atomic_add(acc_ptr + off, v, mask=valid & fin & (v != 0), sem=SEM)
+
+    @triton.jit
+    def _knn_bwd3_kernel(
+        p1_ptr, p2_ptr, len1_ptr, len2_ptr, idx_ptr, g_ptr, gp1_ptr, acc_ptr, gp2_ptr,
+        P1, P2, GS0, GS1, GS2, STAT, BAD, NE, ND,
+        K: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, PHASE: tl.constexpr,
+        WANT_P1: tl.constexpr, WANT_P2: tl.constexpr, BLOCK_Q: tl.constexpr, FINISH: tl.constexpr = False,
+        FBLOCK: tl.constexpr = 1024,
+    ):
+        """_knn_bwd_kernel for D = 3 and a small constexpr K (same arguments without D, DP; bit-identical results).
+
+        One query per thread with its three coordinates in separate (BLOCK_Q,) vectors: the general kernel's
+        (BLOCK_Q, DP) rows cost shared-memory layout conversions (10 barriers per k in its sm_90 PTX), its runtime
+        loop over k waits for each k's index before the next k's loads, and its fixed-point adds were acquire-release
+        atomics with a returned value. Here the K neighbours' loads are issued together (unrolled), and the adds are
+        relaxed reductions except with FINISH (the last-program conversion inside this launch, which relies on the
+        ticket's ordering); without it the finish kernel runs after this launch, which orders everything.
+        """
+        pid = tl.program_id(0)
+        n = tl.program_id(1)
+        n64 = n.to(tl.int64)
+        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
+        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
+        q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qmask = q < L1
+        qrow = p1_ptr + (n64 * P1 + q) * 3
+        a0 = tl.load(qrow, mask=qmask, other=0.0).to(ACC)
+        a1 = tl.load(qrow + 1, mask=qmask, other=0.0).to(ACC)
+        a2 = tl.load(qrow + 2, mask=qmask, other=0.0).to(ACC)
+        s0 = tl.zeros((BLOCK_Q,), ACC)
+        s1 = tl.zeros((BLOCK_Q,), ACC)
+        s2 = tl.zeros((BLOCK_Q,), ACC)
+        amax = tl.zeros((BLOCK_Q,), ACC)
+        if PHASE == 1:
+            scale, inv = _fixed_point_scale(acc_ptr, STAT, NE, F64)
+        SEM: tl.constexpr = "acq_rel" if FINISH else "relaxed"
+        for k in tl.static_range(K):
+            valid = qmask & (k < L2)
+            j = tl.load(idx_ptr + (n64 * P1 + q) * K + k, mask=valid, other=0)
+            valid = valid & (j >= 0) & (j < L2)
+            gv = tl.load(g_ptr + n64 * GS0 + q * GS1 + k * GS2, mask=valid, other=0.0).to(ACC)
+            crow = (n64 * P2 + j) * 3
+            c0, f0 = _contrib3(a0, p2_ptr + crow, gv, valid, NORM, ACC)
+            c1, f1 = _contrib3(a1, p2_ptr + crow + 1, gv, valid, NORM, ACC)
+            c2, f2 = _contrib3(a2, p2_ptr + crow + 2, gv, valid, NORM, ACC)
+            if PHASE == 0:
+                if WANT_P1:
+                    s0 += c0
+                    s1 += c1
+                    s2 += c2
+                if WANT_P2:
+                    amax = tl.maximum(amax, tl.where(f0, tl.abs(c0), 0.0))
+                    amax = tl.maximum(amax, tl.where(f1, tl.abs(c1), 0.0))
+                    amax = tl.maximum(amax, tl.where(f2, tl.abs(c2), 0.0))
+            else:
+                _fixed_add3(acc_ptr, crow, c0, f0, valid, scale, SEM)
+                _fixed_add3(acc_ptr, crow + 1, c1, f1, valid, scale, SEM)
+                _fixed_add3(acc_ptr, crow + 2, c2, f2, valid, scale, SEM)
+                bad = (f0 & f1 & f2) == 0
+                tl.atomic_max(acc_ptr + BAD + n64 * P2 + j, bad.to(tl.int64), mask=valid & bad, sem=SEM)
+        if PHASE == 1:
+            if FINISH:
+                # as in _knn_bwd_kernel: every thread's atomics are issued before the ticket is taken
+                tl.debug_barrier()
+                total = tl.num_programs(0) * tl.num_programs(1)
+                ticket = tl.atomic_add(acc_ptr + STAT + 1, 1, sem="acq_rel", scope="gpu")
+                if ticket == total - 1:
+                    for r0 in range(0, ND, FBLOCK):
+                        _grad_p2_finish_block(acc_ptr, gp2_ptr, r0, ND, STAT, BAD, NE, 3, F64, FBLOCK)
+        if PHASE == 0:
+            if WANT_P1:
+                out = gp1_ptr + (n64 * P1 + q) * 3
+                row_ok = q < P1
+                tl.store(out, s0.to(gp1_ptr.dtype.element_ty), mask=row_ok)
+                tl.store(out + 1, s1.to(gp1_ptr.dtype.element_ty), mask=row_ok)
+                tl.store(out + 2, s2.to(gp1_ptr.dtype.element_ty), mask=row_ok)
+            if WANT_P2:
+                m = tl.max(amax, 0)
+                if F64:
+                    mbits = m.to(tl.int64, bitcast=True)
+                else:
+                    mbits = m.to(tl.int32, bitcast=True).to(tl.int64)
+                tl.atomic_max(acc_ptr + STAT, mbits)
+
+    @triton.jit
     def _pair_contrib(pa, pb, gv, m2, NORM: tl.constexpr, ACC: tl.constexpr):
         """dD/dp1 * g for rows pa, pb (B, DP) and g (B,), 0 where m2 (B, DP) is False."""
         diff = pa - pb
@@ -1032,6 +1173,9 @@ _MAX_SORT_TILES = 4096
 # brute-force problems below this many pairs (~30 us of search on an H100) read p2 in place instead of a copy (at
 # 64x200x10000 = 1.3e8 pairs the in-place loads cost 0.03 ms of device time on an H200 against the copy)
 _ROWS_MAX_PAIRS = 1 << 26
+# D = 3 backwards with K up to this go through _knn_bwd3_kernel (K unrolled); _BWD3 = 0 (benchmarks): never
+_BWD3_MAX_K = 16
+_BWD3 = int(os.environ.get("PROTODEPTH_KNN_BWD3", "1"))
 # grad_p2 of at most this many elements is converted inside the accumulation launch (by its last program)
 _FINISH_IN_KERNEL_MAX = 1 << 16
 # backward problems with N*P1*K*P2 at most this many comparisons take the one-launch _knn_bwd_small_kernel; larger
@@ -1193,6 +1337,9 @@ class SortedTiles(NamedTuple):
 # 64-point tiles it was slower, 0.84 -> 1.10 ms). PROTODEPTH_KNN_WALK3=0: always _knn_fwd_kernel. Benchmarks set it.
 # 2: _knn_walk3p_kernel (loads one tile ahead).
 _WALK3 = int(os.environ.get("PROTODEPTH_KNN_WALK3", "1"))
+# K > 1 in the walk kernels: _topk_insert_lean (rounds only while a candidate can still enter; 1) or _topk_insert (0).
+# Benchmarks set it.
+_LEAN = int(os.environ.get("PROTODEPTH_KNN_LEAN", "1"))
 
 # Morton bits per axis for the counting sort; None: chosen from the cloud sizes (_morton_bits). Benchmarks set it.
 _MORTON_BITS = None
@@ -1391,7 +1538,7 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
         _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
              perm2, box, order, lbs,
              P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,
-             num_warps=warps)
+             LEAN=bool(_LEAN and K > 1), num_warps=warps)
         return dists, idx
     _run(
         _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,
@@ -1484,12 +1631,19 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
     common = dict(D=D, DP=dp, NORM=norm, ACC=_acc_dtype(p1.dtype), F64=f64, WANT_P1=want_p1, WANT_P2=want_p2,
                   BLOCK_Q=bq, FINISH=finish, FBLOCK=blk, num_warps=4)
     grad_p2 = torch.empty_like(b) if want_p2 else a
-    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc, a,
-         P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=0, **common)
+    if D == 3 and K <= _BWD3_MAX_K and _BWD3:
+        # the 3-D kernel: K constexpr (unrolled), no layout conversions, relaxed adds; bit-identical results
+        fn, k_arg = _knn_bwd3_kernel, ()
+        del common["D"], common["DP"]
+        common["K"] = K
+    else:
+        fn, k_arg = _knn_bwd_kernel, (K,)
+    _run(fn, grid, a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc, a,
+         P1, P2, *k_arg, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=0, **common)
     if not want_p2:
         return grad_p1, None
-    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, a, acc, grad_p2,
-         P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=1, **common)
+    _run(fn, grid, a, b, lengths1, lengths2, idx, grad_dists, a, acc, grad_p2,
+         P1, P2, *k_arg, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=1, **common)
     if not finish:
         _run(_knn_grad_p2_finish_kernel, (_cdiv(nd, blk),), acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
     return grad_p1, grad_p2

@@ -23,7 +23,9 @@ pred on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-t64
 in 16-point tiles); `-slot` / `-global` runs only
 that direction (its forward and backward: the profile of one direction); `-walkN` / `-leanN` / `-bwdN` set knn_triton's
 `_WALK3` / `_LEAN` / `_BWD3` while the variant runs (which walk kernel: 0, 1, 2; which K > 1 insertion: 0, 1; the 3-D
-backward kernel: 0, 1).
+backward kernel: 0, 1), `-regN` its `_WALK_MAXNREG` (registers per thread of the K > 1 walk); `-old` runs a sorted
+variant through `--base-geometry PACKAGE` (an older tree's geometry folder copied under another name with an empty
+`__init__.py`), e.g. `presorted-grid-old`: the step's way at that tree, in the same process.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 
 SHAPES = {"b32": (32, 16, 200, 20000), "b2": (2, 32, 200, 10000)}  # B, slots, samples per slot, targets
 K_GLOBAL = 3
-FLAG_PARTS = {"walk": "_WALK3", "lean": "_LEAN", "bwd": "_BWD3"}  # variant parts that set knn_triton's flags
+FLAG_PARTS = {"walk": "_WALK3", "lean": "_LEAN", "bwd": "_BWD3", "reg": "_WALK_MAXNREG"}  # variant parts that set knn_triton's flags
 
 
 def street_targets(B: int, N: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -86,8 +88,12 @@ def make_inputs(shape: str, device="cuda", seed=0):
 class Pair:
     """One variant's step: forward of both directions (slot on a side stream), loss, gradient w.r.t. pred."""
 
-    def __init__(self, variant: str, pred, target, lengths, base=None):
+    def __init__(self, variant: str, pred, target, lengths, base=None, base_geometry=None):
         self.variant, self.target, self.lengths, self.base = variant, target, lengths, base
+        # "-old": the sorted variants through base_geometry (an older tree's geometry package) instead of this tree's
+        self.geometry = base_geometry if "old" in variant.split("-") else None
+        if self.geometry is None and "old" in variant.split("-"):
+            raise ValueError(f"{variant}: -old needs --base-geometry")
         self.pred = pred.clone().requires_grad_()
         dev = pred.device
         self.side, self.third = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
@@ -108,10 +114,26 @@ class Pair:
                 if p.startswith(prefix) and p[len(prefix):].isdigit():
                     self.flags[attr] = int(p[len(prefix):])
         if self.kind == "presorted":
-            from protodepth.geometry.knn_sorted import sort_cloud
-
+            sort_cloud = self.sorted_module().sort_cloud
             self.tgt_sorted = sort_cloud(target, lengths, sort=self.force, tile=self.tiles.get("t"),
                                          candidate_tile=self.tiles.get("tc"))
+
+    def sorted_module(self):
+        """The knn_sorted module the sorted variants use (this tree's, or base_geometry's with -old)."""
+        return importlib.import_module((self.geometry or "protodepth.geometry") + ".knn_sorted")
+
+    def capture_mode(self):
+        """The geometry's capture_mode (no host reads) for this variant's package."""
+        import contextlib
+
+        from protodepth.geometry import capture_mode
+
+        if self.geometry is None:
+            return capture_mode()
+        stack = contextlib.ExitStack()
+        stack.enter_context(capture_mode())
+        stack.enter_context(importlib.import_module(self.geometry + "._mode").capture_mode())
+        return stack
 
     def _directions(self):
         """(slot fn, global fn, target sort or None): the two searches of this variant as closures."""
@@ -125,8 +147,8 @@ class Pair:
 
             return (lambda: knn_points(pred, target, lengths2=lengths, K=1).dists,
                     lambda: knn_points(target, pred, lengths1=lengths, K=K_GLOBAL).dists, None)
-        from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
-
+        mod = self.sorted_module()
+        knn_points_sorted, sort_cloud = mod.knn_points_sorted, mod.sort_cloud
         force = self.force
         box = {}
 
@@ -198,8 +220,6 @@ def _bench(fn, rep_ms: float) -> float:
 def _capture(pair: Pair):
     """(graph, static outputs) of pair.step() captured after a warm-up on a side stream, in the geometry's
     capture_mode (no host reads: the lengths checks are skipped, as in the trainer's captured step)."""
-    from protodepth.geometry import capture_mode
-
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -208,7 +228,7 @@ def _capture(pair: Pair):
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with capture_mode(), torch.cuda.graph(graph):
+    with pair.capture_mode(), torch.cuda.graph(graph):
         out = pair.step()
     return graph, out
 
@@ -241,9 +261,9 @@ def _agree(ref, out) -> dict:
     return dict(max_dist_diff=d, grad_max_rel=float((gr0 - gr1).abs().max() / gr0.abs().max().clamp_min(1e-30)))
 
 
-def run_variant(variant: str, shape: str, rep_ms: float, base=None, profile=True, ref=None) -> dict:
+def run_variant(variant: str, shape: str, rep_ms: float, base=None, profile=True, ref=None, base_geometry=None):
     pred, target, lengths = make_inputs(shape)
-    pair = Pair(variant, pred, target, lengths, base)
+    pair = Pair(variant, pred, target, lengths, base, base_geometry)
     graph, out = _capture(pair)
     graph.replay()
     torch.cuda.synchronize()
@@ -272,7 +292,7 @@ def main(args) -> int:
         ref = None
         for v in variants:
             try:
-                row, out = run_variant(v, shape, args.rep_ms, base, not args.no_profile, ref)
+                row, out = run_variant(v, shape, args.rep_ms, base, not args.no_profile, ref, args.base_geometry)
             except Exception as exc:  # report and go on: one broken variant must not hide the others
                 print(f"{shape} {v}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
@@ -304,5 +324,8 @@ def add_arguments(ap) -> None:
                          "-grid (pred on the target's grid) and -tNN / -pNN: the target's / pred's tile size")
     ap.add_argument("--base", default=None, metavar="MODULE",
                     help="--step-pair: a knn_triton module to time as `base` (e.g. a copy of an older tree's)")
+    ap.add_argument("--base-geometry", default=None, metavar="PACKAGE",
+                    help="--step-pair: an older tree's geometry package (a copy of protodepth/geometry under another "
+                         "name, with an empty __init__.py) that variants ending in -old run through")
     ap.add_argument("--no-profile", action="store_true", help="--step-pair: skip the per-kernel profile")
 

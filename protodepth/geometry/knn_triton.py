@@ -1340,6 +1340,9 @@ _WALK3 = int(os.environ.get("PROTODEPTH_KNN_WALK3", "1"))
 # K > 1 in the walk kernels: _topk_insert_lean (rounds only while a candidate can still enter; 1) or _topk_insert (0).
 # Benchmarks set it.
 _LEAN = int(os.environ.get("PROTODEPTH_KNN_LEAN", "1"))
+# registers per thread allowed to the walk kernels for K > 1 (None: the compiler's choice; fewer registers, more warps
+# per SM, spills). Benchmarks set it.
+_WALK_MAXNREG = None
 
 # Morton bits per axis for the counting sort; None: chosen from the cloud sizes (_morton_bits). Benchmarks set it.
 _MORTON_BITS = None
@@ -1535,10 +1538,11 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     kp = _next_pow2(max(K, 2))
     # (any tiles under the interpreter, whose 16-point tiles stand for the GPU's 32)
     if sort and D == 3 and S == 1 and _WALK3 and ((bq == 32 and bc in (16, 32)) or _interpreting()):
+        regs = {"maxnreg": _WALK_MAXNREG} if _WALK_MAXNREG and K > 1 and not _interpreting() else {}
         _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
              perm2, box, order, lbs,
              P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,
-             LEAN=bool(_LEAN and K > 1), num_warps=warps)
+             LEAN=bool(_LEAN and K > 1), num_warps=warps, **regs)
         return dists, idx
     _run(
         _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from protodepth.data import DataConfig, build_datasets, collate_depth
 from protodepth.data import loaders
-from protodepth.data.draw import DrawSeed, draw_batch, draw_batch_sorted, draw_indices
+from protodepth.data.draw import DrawSeed, draw_batch, draw_batch_sorted, draw_indices, ranges
 from protodepth.data.loaders import (DeviceBatches, EpochShuffleSampler, choose_data_device, rank_batches,
                                      workers_per_process)
 from protodepth.errors import ConfigError
@@ -54,6 +54,15 @@ def test_batched_draw_equals_frame_by_frame_draw():
     pieces = np.split(idx.numpy(), np.cumsum(lengths)[:-1])
     for c, s, piece in zip(counts, seeds, pieces):
         assert np.array_equal(piece, draw_indices(c, 20, s))
+
+
+def test_ranges_concatenates_aranges_and_names_each_values_segment_with_empty_segments_anywhere():
+    starts, lens = np.array([7, 100, 3, 50, 0, 9]), np.array([0, 3, 0, 2, 4, 0])
+    values, seg = ranges(starts, lens, "cpu")
+    want = [v for s, n in zip(starts, lens) for v in range(s, s + n)]
+    assert values.tolist() == want
+    assert seg.tolist() == [k for k, n in enumerate(lens) for _ in range(n)]
+    assert ranges(starts, np.zeros(6, dtype=np.int64), "cpu")[0].numel() == 0
 
 
 # ---------------------------------------------------------------------------------- device path vs DataLoader

@@ -16,6 +16,8 @@ Backward (no float atomics, bit-identical across runs, only the gradients autogr
   not depend on the order of arrival; a last pass converts back (inside the accumulation launch when grad_p2 is
   small). A zeroing and 2-3 launches whatever the imbalance between candidates (a sort-based CSR of the chosen pairs,
   an earlier version, took ~25 launches and 0.6-1.2 ms).
+- Points of 3 coordinates and K <= 16 take `_knn_bwd3_kernel` for both passes (K unrolled, one query per thread,
+  relaxed integer adds): the same numbers as the general `_knn_bwd_kernel`, bit for bit.
 
 Small problems (issue 17): eager calls are bound by host time, not by the GPU, so the brute-force search of a small
 problem is one launch (candidates read in place; when the candidates are split over several programs to fill the GPU,

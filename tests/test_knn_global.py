@@ -138,19 +138,21 @@ def _flags(**kw):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("walk,lean,regs,qtile", [(1, 1, None, 32), (2, 1, None, 32), (2, 0, None, 32),
-                                                 (1, 1, 80, 32), (1, 1, None, 16), (2, 1, None, 16)])
-def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lean, regs, qtile):
-    """qtile 16: the target as queries in 16-point tiles (one warp, two lanes per query), as candidates in 32."""
+@pytest.mark.parametrize("walk,lean,regs,qtile,ctile", [
+    (1, 1, None, 32, 32), (2, 1, None, 32, 32), (2, 0, None, 32, 32), (1, 1, 80, 32, 32), (1, 1, None, 16, 32),
+    (2, 1, None, 16, 32), (1, 1, None, 32, 64), (2, 1, None, 32, 64)])
+def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lean, regs, qtile, ctile):
+    """The target as queries in tiles of qtile points (16: one warp, two lanes per query), as candidates in tiles of
+    ctile points."""
     from protodepth.benchmarks.knn_pair import make_inputs
     from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
 
     pred, target, lengths = make_inputs("b2", seed=5)
     lengths[1] = 7001
     pred[0, 100:140] = pred[0, 0:40]  # exact ties between predicted points
-    st = sort_cloud(target, lengths, sort=True, tile=qtile, candidate_tile=32)
+    st = sort_cloud(target, lengths, sort=True, tile=qtile, candidate_tile=ctile)
     sp = sort_cloud(pred, sort=True, grid=st)
-    assert st.tiles.tile == qtile and st.ctiles.tile == 32
+    assert st.tiles.tile == qtile and st.ctiles.tile == ctile
     res = {}
     for key, flags in (("ref", dict(_WALK3=0)), ("new", dict(_WALK3=walk, _LEAN=lean, _WALK_MAXNREG=regs))):
         old = _flags(**flags)

@@ -1540,7 +1540,7 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     kp = _next_pow2(max(K, 2))
     # (any tiles under the interpreter, whose 16-point tiles stand for the GPU's 32; 16-query tiles: one warp, two
     # lanes per query)
-    if sort and D == 3 and S == 1 and _WALK3 and ((bq in (16, 32) and bc in (16, 32)) or _interpreting()):
+    if sort and D == 3 and S == 1 and _WALK3 and ((bq in (16, 32) and bc in (16, 32, 64)) or _interpreting()):
         regs = {"maxnreg": _WALK_MAXNREG} if _WALK_MAXNREG and K > 1 and not _interpreting() else {}
         _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
              perm2, box, order, lbs,

@@ -53,7 +53,14 @@ def euler_angles_to_matrix(euler_angles: torch.Tensor, convention: str) -> torch
     zero = torch.zeros_like(one)
     parts = zip(convention, cos.unbind(-1), sin.unbind(-1), nsin.unbind(-1))  # unbind: one backward kernel each
     mats = [_axis_rotation(axis, c, s, ns, one, zero) for axis, c, s, ns in parts]
-    return torch.matmul(torch.matmul(mats[0], mats[1]), mats[2])
+    return _matmul3(_matmul3(mats[0], mats[1]), mats[2])
+
+
+def _matmul3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for batches of 3 x 3 matrices (..., 3, 3), as a broadcast product summed over the inner index.
+    cuBLAS runs a batched 3 x 3 product as one 32 x 32 tile per matrix: at the training step's 8 192 slot
+    prototypes each of the six products (forward and backward) took ~17 us on an H200, the elementwise form a few."""
+    return (a[..., :, :, None] * b[..., None, :, :]).sum(-2)
 
 
 def _angle_from_tan(axis: str, other_axis: str, data: torch.Tensor, horizontal: bool, tait_bryan: bool) -> torch.Tensor:

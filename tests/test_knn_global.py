@@ -39,9 +39,9 @@ _INTERP_SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     out = {}
     # forward: the walk kernels (1: _knn_walk3_kernel, 2: _knn_walk3p_kernel) with either insertion against the
-    # general sorted search (_knn_walk3 = 0: _knn_fwd_kernel, _topk_insert); exact ties (repeated candidates, a
+    # general sorted search (_knn_walk3 = 0: _knn_fwd_kernel, _topk_insert / _nearest_update); exact ties (repeated candidates, a
     # query at the centre of equidistant ones), padded queries and a last candidate tile cut by lengths
-    for K, norm in ((3, 2), (5, 1), (2, 2)):
+    for K, norm in ((3, 2), (5, 1), (2, 2), (1, 2)):
         p1 = torch.randn(2, 37, 3, generator=g) * 1.5; p2 = torch.randn(2, 45, 3, generator=g)
         p2[:, 20:30] = p2[:, 0:10]
         p2[0, 30:40] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, 0, 0], [0, -1.0, 0]] * 2)
@@ -111,7 +111,7 @@ def interp_global():
 @needs_triton
 def test_interpreter_lean_insertion_and_lookahead_walk_equal_the_general_search(interp_global):
     rows = {k: v for k, v in interp_global.items() if k.startswith("fwd/")}
-    assert len(rows) == 3, sorted(interp_global)
+    assert len(rows) == 4, sorted(interp_global)
     for name, r in rows.items():
         assert all(r["equal"].values()), f"{name}: {r}"
     assert rows["fwd/K3/n2"]["ties"] > 0  # the centred query's equidistant candidates reached the output

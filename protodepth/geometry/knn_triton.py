@@ -186,6 +186,22 @@ if triton is not None:
         return best_d, best_i
 
     @triton.jit
+    def _nearest_walk(dist, oidx, best1_d, best1_i, LEAN: tl.constexpr):
+        """K = 1 in the walk kernels: _nearest_update (SORTED); with LEAN the index of the tile's minimum is looked for
+        only when some query's minimum can replace its best (a compare, a select and a min per candidate saved on the
+        tiles that improve no query)."""
+        if not LEAN:
+            return _nearest_update(dist, oidx, 0, best1_d, best1_i, True)
+        BIG: tl.constexpr = 2147483647
+        m = tl.min(dist, 0)
+        if tl.max(tl.where(m <= best1_d, 1, 0), 0) > 0:
+            mi = tl.min(tl.where(dist == m[None, :], oidx[:, None], BIG), 0)
+            upd = (m < best1_d) | ((m == best1_d) & (mi < best1_i))
+            best1_d = tl.where(upd, m, best1_d)
+            best1_i = tl.where(upd, mi, best1_i)
+        return best1_d, best1_i
+
+    @triton.jit
     def _topk_walk(dist, oidx, best_d, best_i, K: tl.constexpr, LEAN: tl.constexpr):
         if LEAN:
             return _topk_insert_lean(dist, oidx, best_d, best_i, K)
@@ -459,7 +475,7 @@ if triton is not None:
             if tl.max(tl.where(qmask & (lb * SHRINK <= kth), 1, 0), 0) > 0:
                 dist = _pair_dist3(a0, a1, a2, b0, b1, b2, NORM)
                 if K == 1:
-                    best1_d, best1_i = _nearest_update(dist, oidx, 0, best1_d, best1_i, True)
+                    best1_d, best1_i = _nearest_walk(dist, oidx, best1_d, best1_i, LEAN)
                 else:
                     best_d, best_i = _topk_walk(dist, oidx, best_d, best_i, K, LEAN)
             j += 1
@@ -560,7 +576,7 @@ if triton is not None:
             if tl.max(tl.where(qmask & (lb * SHRINK <= kth), 1, 0), 0) > 0:
                 dist = _pair_dist3(a0, a1, a2, b0.to(ACC), b1.to(ACC), b2.to(ACC), NORM)
                 if K == 1:
-                    best1_d, best1_i = _nearest_update(dist, oidx.to(tl.int32), 0, best1_d, best1_i, True)
+                    best1_d, best1_i = _nearest_walk(dist, oidx.to(tl.int32), best1_d, best1_i, LEAN)
                 else:
                     best_d, best_i = _topk_walk(dist, oidx.to(tl.int32), best_d, best_i, K, LEAN)
             j += 1
@@ -1339,7 +1355,7 @@ class SortedTiles(NamedTuple):
 # 64-point tiles it was slower, 0.84 -> 1.10 ms). PROTODEPTH_KNN_WALK3=0: always _knn_fwd_kernel. Benchmarks set it.
 # 2: _knn_walk3p_kernel (loads one tile ahead).
 _WALK3 = int(os.environ.get("PROTODEPTH_KNN_WALK3", "1"))
-# K > 1 in the walk kernels: _topk_insert_lean (rounds only while a candidate can still enter; 1) or _topk_insert (0).
+# the walk kernels' insertion: _topk_insert_lean / _nearest_walk's lean form (1) or _topk_insert / _nearest_update (0).
 # Benchmarks set it.
 _LEAN = int(os.environ.get("PROTODEPTH_KNN_LEAN", "1"))
 # registers per thread allowed to the walk kernels for K > 1 (None: the compiler's choice; fewer registers, more warps
@@ -1545,7 +1561,7 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
         _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
              perm2, box, order, lbs,
              P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,
-             LEAN=bool(_LEAN and K > 1), num_warps=warps, **regs)
+             LEAN=bool(_LEAN), num_warps=warps, **regs)
         return dists, idx
     _run(
         _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,

@@ -163,7 +163,7 @@ if triton is not None:
         runs more rounds than needed, and that count itself costs a compare, a select and a sum per candidate. A
         taken candidate leaves the tile by its index alone (indices are distinct within a tile): one compare per
         candidate instead of two; and nothing of the (dist == min) mask lives across the round (the compiler packed
-        it into bit masks: 363 PTX instructions per round in the sm_90 PTX of the walk kernel, 239 here)."""
+        it into bit masks: 363 instructions per round in the walk kernel's sm_90 PTX, 239 here)."""
         BIG: tl.constexpr = 2147483647
         m = tl.min(dist, 0)
         kth = tl.max(best_d, 0)

@@ -38,8 +38,9 @@ _INTERP_SCRIPT = textwrap.dedent(
 
     g = torch.Generator().manual_seed(0)
     out = {}
-    # forward: the walk kernels (1: _knn_walk3_kernel, 2: _knn_walk3p_kernel) with either insertion against the
-    # general sorted search (_knn_walk3 = 0: _knn_fwd_kernel, _topk_insert / _nearest_update); exact ties (repeated candidates, a
+    # forward: the walk kernels (1: _knn_walk3_kernel, 2: _knn_walk3p_kernel) with either insertion, and with two
+    # programs per query tile (qs2), against the general sorted search (_knn_walk3 = 0: _knn_fwd_kernel, _topk_insert
+    # / _nearest_update); exact ties (repeated candidates, a
     # query at the centre of equidistant ones), padded queries and a last candidate tile cut by lengths
     for K, norm in ((3, 2), (5, 1), (2, 2), (1, 2)):
         p1 = torch.randn(2, 37, 3, generator=g) * 1.5; p2 = torch.randn(2, 45, 3, generator=g)
@@ -48,17 +49,17 @@ _INTERP_SCRIPT = textwrap.dedent(
         p1[0, :5] = 0.0
         l1 = torch.tensor([37, 20]); l2 = torch.tensor([45, 13])
         rows = {}
-        for walk, lean in ((0, 0), (1, 0), (1, 1), (2, 0), (2, 1)):
-            kt._WALK3, kt._LEAN = walk, lean
+        for walk, lean, qs in ((0, 0, 1), (1, 0, 1), (1, 1, 1), (2, 0, 1), (2, 1, 1), (1, 1, 2), (2, 1, 2)):
+            kt._WALK3, kt._LEAN, kt._QSPLIT = walk, lean, qs
             s2 = sort_cloud(p2, l2, sort=True)
             s1 = sort_cloud(p1, l1, sort=True, grid=s2)
             r = knn_points_sorted(s1, s2, K=K, norm=norm)
-            rows[(walk, lean)] = (r.dists, r.idx)
-        kt._WALK3, kt._LEAN = 1, 1
-        ref = rows.pop((0, 0))
+            rows[(walk, lean, qs)] = (r.dists, r.idx)
+        kt._WALK3, kt._LEAN, kt._QSPLIT = 1, 1, 1
+        ref = rows.pop((0, 0, 1))
         out[f"fwd/K{K}/n{norm}"] = dict(
-            equal={f"walk{w}/lean{le}": bool(torch.equal(d, ref[0]) and torch.equal(i, ref[1]))
-                   for (w, le), (d, i) in rows.items()},
+            equal={f"walk{w}/lean{le}/qs{qs}": bool(torch.equal(d, ref[0]) and torch.equal(i, ref[1]))
+                   for (w, le, qs), (d, i) in rows.items()},
             ties=int((ref[0][0, :5, 1:] == ref[0][0, :5, :-1]).sum()))
     # backward: _knn_bwd3_kernel against _knn_bwd_kernel (fixed-point path forced: these problems are small enough
     # for the one-launch scan); grad_p2 converted inside the accumulation (finish) or by its own launch; a
@@ -138,12 +139,13 @@ def _flags(**kw):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("walk,lean,regs,qtile,ctile", [
-    (1, 1, None, 32, 32), (2, 1, None, 32, 32), (2, 0, None, 32, 32), (1, 1, 80, 32, 32), (1, 1, None, 16, 32),
-    (2, 1, None, 16, 32), (1, 1, None, 32, 64), (2, 1, None, 32, 64)])
-def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lean, regs, qtile, ctile):
+@pytest.mark.parametrize("walk,lean,regs,qtile,ctile,qs", [
+    (1, 1, None, 32, 32, 1), (2, 1, None, 32, 32, 1), (2, 0, None, 32, 32, 1), (1, 1, 80, 32, 32, 1),
+    (1, 1, None, 16, 32, 1), (2, 1, None, 16, 32, 1), (1, 1, None, 32, 64, 1), (2, 1, None, 32, 64, 1),
+    (1, 1, None, 32, 32, 2), (2, 1, None, 32, 32, 2)])
+def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lean, regs, qtile, ctile, qs):
     """The target as queries in tiles of qtile points (16: one warp, two lanes per query), as candidates in tiles of
-    ctile points."""
+    ctile points; qs programs per query tile."""
     from protodepth.benchmarks.knn_pair import make_inputs
     from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
 
@@ -154,7 +156,7 @@ def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lea
     sp = sort_cloud(pred, sort=True, grid=st)
     assert st.tiles.tile == qtile and st.ctiles.tile == ctile
     res = {}
-    for key, flags in (("ref", dict(_WALK3=0)), ("new", dict(_WALK3=walk, _LEAN=lean, _WALK_MAXNREG=regs))):
+    for key, flags in (("ref", dict(_WALK3=0)), ("new", dict(_WALK3=walk, _LEAN=lean, _WALK_MAXNREG=regs, _QSPLIT=qs))):
         old = _flags(**flags)
         try:
             res[key] = [knn_points_sorted(st, sp, K=K) for K in (3, 5)] + [knn_points_sorted(sp, st, K=1)]

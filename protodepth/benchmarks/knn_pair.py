@@ -23,7 +23,8 @@ pred on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-t64
 in 16-point tiles); `-slot` / `-global` runs only
 that direction (its forward and backward: the profile of one direction); `-walkN` / `-leanN` / `-bwdN` set knn_triton's
 `_WALK3` / `_LEAN` / `_BWD3` while the variant runs (which walk kernel: 0, 1, 2; which K > 1 insertion: 0, 1; the 3-D
-backward kernel: 0, 1), `-regN` its `_WALK_MAXNREG` (registers per thread of the K > 1 walk); `-old` runs a sorted
+backward kernel: 0, 1), `-regN` its `_WALK_MAXNREG` (registers per thread of the K > 1 walk), `-qsN` its `_QSPLIT`
+(walk programs per query tile); `-old` runs a sorted
 variant through `--base-geometry PACKAGE` (an older tree's geometry folder copied under another name with an empty
 `__init__.py`), e.g. `presorted-grid-old`: the step's way at that tree, in the same process.
 """
@@ -36,7 +37,8 @@ import torch
 
 SHAPES = {"b32": (32, 16, 200, 20000), "b2": (2, 32, 200, 10000)}  # B, slots, samples per slot, targets
 K_GLOBAL = 3
-FLAG_PARTS = {"walk": "_WALK3", "lean": "_LEAN", "bwd": "_BWD3", "reg": "_WALK_MAXNREG"}  # variant parts that set knn_triton's flags
+# variant parts that set knn_triton's flags while the variant runs
+FLAG_PARTS = {"walk": "_WALK3", "lean": "_LEAN", "bwd": "_BWD3", "reg": "_WALK_MAXNREG", "qs": "_QSPLIT"}
 
 
 def street_targets(B: int, N: int, gen: torch.Generator, device) -> torch.Tensor:

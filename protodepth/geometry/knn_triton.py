@@ -414,7 +414,7 @@ if triton is not None:
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
         P1, P2, Q_SD, P2S, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False, QSPLIT: tl.constexpr = 1,
     ):
         """The SORTED walk of _knn_fwd_kernel for D = 3 (one split, PyTorch3D padding written directly), arranged for
         memory latency: the queries are loaded once, the next entry of the tile list (tile and bound) is loaded one
@@ -448,7 +448,8 @@ if triton is not None:
         n_steps = tl.cdiv(L2, BLOCK_C)
         if pid_q * BLOCK_Q >= L1:
             n_steps = 0
-        lbase = (n.to(tl.int64) * T1 + pid_q) * T2
+        # QSPLIT programs share each query tile's list (each takes BLOCK_Q = tile / QSPLIT of its queries)
+        lbase = (n.to(tl.int64) * T1 + pid_q // QSPLIT) * T2
         tile = tl.load(order_ptr + lbase, mask=n_steps > 0, other=0).to(tl.int32)
         j = 0
         go_on = n_steps > 0
@@ -501,7 +502,7 @@ if triton is not None:
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
         P1, P2, Q_SD, P2S, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False, QSPLIT: tl.constexpr = 1,
     ):
         """_knn_walk3_kernel with the loads one tile ahead: while tile j is searched, tile j + 1's box, candidates
         and indices and list entry j + 2 are already requested (carried in the loop in the layout they load in).
@@ -533,7 +534,8 @@ if triton is not None:
         n_steps = tl.cdiv(L2, BLOCK_C)
         if pid_q * BLOCK_Q >= L1:
             n_steps = 0
-        lbase = (n.to(tl.int64) * T1 + pid_q) * T2
+        # QSPLIT programs share each query tile's list (each takes BLOCK_Q = tile / QSPLIT of its queries)
+        lbase = (n.to(tl.int64) * T1 + pid_q // QSPLIT) * T2
         # entry 0 in full, entry 1's tile and bound
         tile = tl.load(order_ptr + lbase, mask=n_steps > 0, other=0).to(tl.int32)
         c = tile * BLOCK_C + cols
@@ -1361,6 +1363,9 @@ _LEAN = int(os.environ.get("PROTODEPTH_KNN_LEAN", "1"))
 # registers per thread allowed to the walk kernels for K > 1 (None: the compiler's choice; fewer registers, more warps
 # per SM, spills). Benchmarks set it.
 _WALK_MAXNREG = None
+# query tiles split over this many walk programs (each walks the tile's list for tile / _QSPLIT of its queries: more,
+# smaller programs, fewer registers, no longer tile lists). Benchmarks set it.
+_QSPLIT = 1
 
 # Morton bits per axis for the counting sort; None: chosen from the cloud sizes (_morton_bits). Benchmarks set it.
 _MORTON_BITS = None
@@ -1558,10 +1563,11 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     # lanes per query)
     if sort and D == 3 and S == 1 and _WALK3 and ((bq in (16, 32) and bc in (16, 32, 64)) or _interpreting()):
         regs = {"maxnreg": _WALK_MAXNREG} if _WALK_MAXNREG and K > 1 and not _interpreting() else {}
-        _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
-             perm2, box, order, lbs,
-             P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,
-             LEAN=bool(_LEAN), num_warps=warps, **regs)
+        qs = _QSPLIT if bq // _QSPLIT >= (8 if _interpreting() else 16) else 1
+        _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1 * qs, N), p1c, p2c, l1, l2, dists, idx,
+             perm1, perm2, box, order, lbs,
+             P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq // qs, BLOCK_C=bc,
+             LEAN=bool(_LEAN), QSPLIT=qs, num_warps=1 if qs > 1 else warps, **regs)
         return dists, idx
     _run(
         _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,

@@ -313,7 +313,7 @@ def main(argv: list[str]) -> int:
         for prec in args.precisions:
             rows.extend(bench_shape(name, prec, args, device))
             print(f"  {name} {prec} done ({time.time() - t0:.0f} s)", flush=True)
-    print("\n| shape | precision | step | backbone s/step | full s/step | full / backbone | full samples/s | "
+    print("\n| shape | precision | step | backbone ms/step | full ms/step | full / backbone | full samples/s | "
           "backbone peak GiB | full peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     by = {(r.shape, r.precision, r.kind): r for r in rows}
@@ -326,8 +326,8 @@ def main(argv: list[str]) -> int:
                 pairs += graph + [("graph vs eager backbone", "backbone", "full-graph")]
             for label, bk, fk in pairs:
                 b, f = by[(name, prec, bk)], by[(name, prec, fk)]
-                print(f"| B={B} K=P={K} {H}x{W} N={N} | {prec} | {label} | {b.median_s:.4f} | {f.median_s:.4f} | "
-                      f"{f.median_s / b.median_s:.2f} | {f.samples_per_s:.0f} | {b.peak_gib:.2f} | {f.peak_gib:.2f} |")
+                print(f"| B={B} K=P={K} {H}x{W} N={N} | {prec} | {label} | {b.median_s * 1e3:.2f} | {f.median_s * 1e3:.2f} | "
+                      f"{f.median_s / b.median_s:.3f} | {f.samples_per_s:.0f} | {b.peak_gib:.2f} | {f.peak_gib:.2f} |")
     if args.loader:
         bench_loader(args, device)
     if args.tail:

@@ -1,6 +1,7 @@
-"""The training step's global KNN direction (target -> K = 3 nearest predicted points, issue 17): the walk kernels'
-lean K > 1 insertion (`_topk_insert_lean`), the look-ahead walk (`_knn_walk3p_kernel`) and the 3-D backward kernel
-(`_knn_bwd3_kernel`) give the results of the general kernels, bit for bit.
+"""The training step's global KNN direction (target -> K = 3 nearest predicted points, issue 17) and its pair: the walk
+kernels' lean insertion (`_topk_insert_lean`, the lean K = 1 update), the look-ahead walk (`_knn_walk3p_kernel`),
+16-query and 64-candidate tiles give the results of the general sorted search, bit for bit; which walk kernel and
+which candidate tiles the step's searches take.
 
 The kernels run on CPU tensors under TRITON_INTERPRET=1 in one background job (the variable must be set before triton
 is imported); CUDA tests (marked `cuda`) check the same on a GPU at the step's B = 2 shape.
@@ -38,10 +39,9 @@ _INTERP_SCRIPT = textwrap.dedent(
 
     g = torch.Generator().manual_seed(0)
     out = {}
-    # forward: the walk kernels (1: _knn_walk3_kernel, 2: _knn_walk3p_kernel) with either insertion, and with two
-    # programs per query tile (qs2), against the general sorted search (_knn_walk3 = 0: _knn_fwd_kernel, _topk_insert
-    # / _nearest_update); exact ties (repeated candidates, a
-    # query at the centre of equidistant ones), padded queries and a last candidate tile cut by lengths
+    # forward: the walk kernels (1: _knn_walk3_kernel, 2: _knn_walk3p_kernel) with either insertion against the
+    # general sorted search (_WALK3 = 0: _knn_fwd_kernel, _topk_insert / _nearest_update); exact ties (repeated
+    # candidates, a query at the centre of equidistant ones), padded queries and a last candidate tile cut by lengths
     for K, norm in ((3, 2), (5, 1), (2, 2), (1, 2)):
         p1 = torch.randn(2, 37, 3, generator=g) * 1.5; p2 = torch.randn(2, 45, 3, generator=g)
         p2[:, 20:30] = p2[:, 0:10]
@@ -49,43 +49,28 @@ _INTERP_SCRIPT = textwrap.dedent(
         p1[0, :5] = 0.0
         l1 = torch.tensor([37, 20]); l2 = torch.tensor([45, 13])
         rows = {}
-        for walk, lean, qs in ((0, 0, 1), (1, 0, 1), (1, 1, 1), (2, 0, 1), (2, 1, 1), (1, 1, 2), (2, 1, 2)):
-            kt._WALK3, kt._LEAN, kt._QSPLIT = walk, lean, qs
+        for walk, lean in ((0, 0), (1, 0), (1, 1), (2, 0), (2, 1)):
+            kt._WALK3, kt._LEAN = walk, lean
             s2 = sort_cloud(p2, l2, sort=True)
             s1 = sort_cloud(p1, l1, sort=True, grid=s2)
             r = knn_points_sorted(s1, s2, K=K, norm=norm)
-            rows[(walk, lean, qs)] = (r.dists, r.idx)
-        kt._WALK3, kt._LEAN, kt._QSPLIT = 1, 1, 1
-        ref = rows.pop((0, 0, 1))
+            rows[(walk, lean)] = (r.dists, r.idx)
+        kt._WALK3, kt._LEAN = None, 1
+        ref = rows.pop((0, 0))
         out[f"fwd/K{K}/n{norm}"] = dict(
-            equal={f"walk{w}/lean{le}/qs{qs}": bool(torch.equal(d, ref[0]) and torch.equal(i, ref[1]))
-                   for (w, le, qs), (d, i) in rows.items()},
+            equal={f"walk{w}/lean{le}": bool(torch.equal(d, ref[0]) and torch.equal(i, ref[1]))
+                   for (w, le), (d, i) in rows.items()},
             ties=int((ref[0][0, :5, 1:] == ref[0][0, :5, :-1]).sum()))
-    # backward: _knn_bwd3_kernel against _knn_bwd_kernel (fixed-point path forced: these problems are small enough
-    # for the one-launch scan); grad_p2 converted inside the accumulation (finish) or by its own launch; a
-    # non-finite incoming gradient; fp32, fp64, bf16; only some gradients wanted
-    kt._SCAN_BWD_MAX_PAIRS = -1
-    cases = [(torch.float32, 2, 3, 1 << 16, (False, True)), (torch.float32, 2, 3, 0, (True, True)),
-             (torch.float32, 1, 5, 0, (True, True)), (torch.float64, 2, 2, 1 << 16, (True, True)),
-             (torch.bfloat16, 2, 3, 0, (True, False)), (torch.float32, 2, 1, 0, (True, True))]
-    for dtype, norm, K, finish_max, wants in cases:
-        kt._FINISH_IN_KERNEL_MAX = finish_max
-        p1 = torch.randn(2, 37, 3, generator=g).to(dtype); p2 = torch.randn(2, 19, 3, generator=g).to(dtype)
-        l1 = torch.tensor([37, 20]); l2 = torch.tensor([19, 7])
-        d, idx = kt.knn_points_triton(p1, p2, l1, l2, K=K, norm=norm)
-        w = torch.linspace(-1, 2, d.numel(), dtype=torch.float64).reshape(d.shape).to(d.dtype)
-        if K == 3:
-            w[0, 3, 1] = float("inf")
-        res = []
-        for bwd3 in (0, 1):
-            kt._BWD3 = bwd3
-            res.append(kt._knn_backward(p1, p2, l1, l2, idx, w, norm, *wants))
-        kt._BWD3 = 1
-        same = all((x is None and y is None) or (torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
-                                                 and torch.equal(x.isnan(), y.isnan())) for x, y in zip(*res))
-        out[f"bwd/{str(dtype)[6:]}/n{norm}/K{K}/fin{int(finish_max > 0)}/p1{int(wants[0])}"] = dict(
-            identical=bool(same), nan=int(sum(int(x.isnan().sum()) for x in res[1] if x is not None)),
-            nonzero=bool(all(float(x.abs().nan_to_num(0).sum()) > 0 for x in res[1] if x is not None)))
+    # a cloud of more than CANDIDATE_TILE_64_MIN_POINTS points sorted in 32-point query tiles: also 64-point candidate
+    # tiles, taken by K = 1 searches (K > 1: the 32-point tiles); both against the brute-force search
+    big = torch.randn(1, 8200, 3, generator=g); lb = torch.tensor([8150])
+    sb = sort_cloud(big, lb, sort=True, tile=32)
+    small = sort_cloud(torch.randn(1, 40, 3, generator=g) * 1.2, sort=True, grid=sb)
+    for K in (1, 3):
+        r = knn_points_sorted(small, sb, K=K)
+        d, i = kt.knn_points_triton(small.points, big, None, lb, K=K, spatial_sort=False)
+        out[f"ctile64/K{K}"] = dict(ctile=sb.ctiles.tile, tile=sb.tiles.tile,
+                                    equal=bool(torch.equal(r.dists, d) and torch.equal(r.idx, i)))
     print("JSON" + json.dumps(out))
     """
 )
@@ -119,12 +104,47 @@ def test_interpreter_lean_insertion_and_lookahead_walk_equal_the_general_search(
 
 
 @needs_triton
-def test_interpreter_3d_backward_kernel_is_bit_identical_to_the_general_one(interp_global):
-    rows = {k: v for k, v in interp_global.items() if k.startswith("bwd/")}
-    assert len(rows) == 6, sorted(interp_global)
-    for name, r in rows.items():
-        assert r["identical"] and r["nonzero"], f"{name}: {r}"
-    assert rows["bwd/float32/n2/K3/fin1/p10"]["nan"] == 3  # the infinite gradient marked one candidate (3 coords)
+def test_interpreter_large_cloud_takes_64_point_candidate_tiles_for_k1_and_32_for_k3(interp_global):
+    for K in (1, 3):
+        r = interp_global[f"ctile64/K{K}"]
+        assert r["ctile"] == 64 and r["tile"] == 32 and r["equal"], r
+
+
+def test_step_searches_take_the_lookahead_walk_except_k1_over_64_point_tiles(monkeypatch):
+    from protodepth.geometry import knn_sorted as ks
+    from protodepth.geometry import knn_triton as kt
+
+    monkeypatch.setattr(kt, "_WALK3", None)
+    assert kt._walk_choice(3, 32, presorted=True) == 2 and kt._walk_choice(1, 32, presorted=True) == 2
+    assert kt._walk_choice(1, 64, presorted=True) == 1
+    assert kt._walk_choice(3, 32, presorted=False) == 1  # knn_points' own sorted path: unchanged
+    monkeypatch.setattr(kt, "_WALK3", 0)
+    assert kt._walk_choice(3, 32, presorted=True) == 0
+    # the step's targets (10 000 or 20 000 points per image) as candidates: 64-point tiles; its 3 200-6 400 predicted
+    # points: 32
+    assert ks._default_candidate_tile(10000, 32) == 64 and ks._default_candidate_tile(6400, 32) == 32
+    assert ks._default_candidate_tile(20000, 16) == 16
+
+
+def test_k_above_1_searches_take_the_32_point_tiles_of_a_cloud_tiled_in_64_for_candidates(monkeypatch):
+    from collections import namedtuple
+
+    from protodepth.geometry import knn_triton as kt
+    from protodepth.geometry.knn_sorted import SortedCloud, knn_points_sorted
+
+    tiles = namedtuple("Tiles", "tile")
+    seen = []
+
+    def presorted(a, b, s1, s2, K, norm):
+        seen.append(s2.tile)
+        return torch.zeros(a.shape[0], a.shape[1], K), torch.zeros(a.shape[0], a.shape[1], K, dtype=torch.int64)
+
+    monkeypatch.setattr(kt, "knn_points_presorted", presorted)
+    q = SortedCloud(torch.randn(1, 5, 3), torch.tensor([5]), tiles(32), True)
+    c = SortedCloud(torch.randn(1, 9, 3), torch.tensor([9]), tiles(32), True, tiles(64))
+    for K in (1, 3):
+        knn_points_sorted(q, c, K=K)
+    assert seen == [64, 32]
 
 
 def _flags(**kw):
@@ -139,13 +159,12 @@ def _flags(**kw):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("walk,lean,regs,qtile,ctile,qs", [
-    (1, 1, None, 32, 32, 1), (2, 1, None, 32, 32, 1), (2, 0, None, 32, 32, 1), (1, 1, 80, 32, 32, 1),
-    (1, 1, None, 16, 32, 1), (2, 1, None, 16, 32, 1), (1, 1, None, 32, 64, 1), (2, 1, None, 32, 64, 1),
-    (1, 1, None, 32, 32, 2), (2, 1, None, 32, 32, 2)])
-def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lean, regs, qtile, ctile, qs):
+@pytest.mark.parametrize("walk,lean,qtile,ctile", [
+    (1, 1, 32, 32), (2, 1, 32, 32), (2, 0, 32, 32), (1, 1, 16, 32), (2, 1, 16, 32), (1, 1, 32, 64), (2, 1, 32, 64),
+    (None, 1, 32, None)])
+def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lean, qtile, ctile):
     """The target as queries in tiles of qtile points (16: one warp, two lanes per query), as candidates in tiles of
-    ctile points; qs programs per query tile."""
+    ctile points (None: sort_cloud's default, 64 here); walk None: the kernel _walk_choice picks."""
     from protodepth.benchmarks.knn_pair import make_inputs
     from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
 
@@ -154,9 +173,9 @@ def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lea
     pred[0, 100:140] = pred[0, 0:40]  # exact ties between predicted points
     st = sort_cloud(target, lengths, sort=True, tile=qtile, candidate_tile=ctile)
     sp = sort_cloud(pred, sort=True, grid=st)
-    assert st.tiles.tile == qtile and st.ctiles.tile == ctile
+    assert st.tiles.tile == qtile and st.ctiles.tile == (ctile or 64)
     res = {}
-    for key, flags in (("ref", dict(_WALK3=0)), ("new", dict(_WALK3=walk, _LEAN=lean, _WALK_MAXNREG=regs, _QSPLIT=qs))):
+    for key, flags in (("ref", dict(_WALK3=0)), ("new", dict(_WALK3=walk, _LEAN=lean))):
         old = _flags(**flags)
         try:
             res[key] = [knn_points_sorted(st, sp, K=K) for K in (3, 5)] + [knn_points_sorted(sp, st, K=1)]
@@ -164,32 +183,3 @@ def test_cuda_walk_kernels_equal_the_general_search_on_the_step_clouds(walk, lea
             _flags(**old)
     for got, want in zip(res["new"], res["ref"]):
         assert torch.equal(got.dists, want.dists) and torch.equal(got.idx, want.idx)
-
-
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("K,norm,dtype,finish", [(3, 2, torch.float32, False), (1, 2, torch.float32, False),
-                                                 (5, 1, torch.float32, False), (3, 2, torch.bfloat16, True)])
-def test_cuda_3d_backward_kernel_is_bit_identical_to_the_general_one(K, norm, dtype, finish):
-    from protodepth.benchmarks.knn_pair import make_inputs
-    from protodepth.geometry import knn_triton as kt
-
-    # b2's grad_p2 (2 x 6 400 x 3) is converted by the last accumulating program, b32's (32 x 3 200 x 3) by its own
-    # launch (the step's global direction)
-    pred, target, lengths = make_inputs("b2" if finish else "b32", seed=6)
-    pred, target = pred.to(dtype), target.to(dtype)
-    lengths[1] = 7001
-    d, idx = kt.knn_points_triton(target, pred, lengths, None, K=K, norm=norm)
-    g = torch.rand(d.shape, device=d.device, dtype=d.dtype)
-    assert not kt._backward_scans(*target.shape[:2], K, pred.shape[1])
-    assert (pred.numel() <= kt._FINISH_IN_KERNEL_MAX) == finish
-    full = torch.full((pred.shape[0],), pred.shape[1], device=pred.device)
-    res = []
-    for bwd3 in (0, 1, 1):
-        old = _flags(_BWD3=bwd3)
-        try:
-            res.append(kt._knn_backward(target, pred, lengths, full, idx, g, norm, True, True))
-        finally:
-            _flags(**old)
-    for a, b, c in zip(*res):
-        assert torch.equal(a, b) and torch.equal(b, c)

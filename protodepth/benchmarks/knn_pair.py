@@ -18,13 +18,11 @@ sort in the timed work on a third stream), `presorted` (the same with the target
 what a step that sorts it beside the backbone pays), `sorted-force` (sort_cloud(sort=True): the sorted path also
 where `sort_cloud` would keep small clouds unsorted; also `presorted-force`). Flags after a dash: `-grid` sorts the
 pred on the target's Morton grid (`sort_cloud(pred, grid=target_sorted)`); `-t64` / `-p64` sorts the target / pred in
-64-point tiles (query tiles of 2 warps where that cloud holds the queries); `-tc64` the target as candidates in
-64-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`; `-pc16`: the pred as candidates
-in 16-point tiles); `-slot` / `-global` runs only
-that direction (its forward and backward: the profile of one direction); `-walkN` / `-leanN` / `-bwdN` set knn_triton's
-`_WALK3` / `_LEAN` / `_BWD3` while the variant runs (which walk kernel: 0, 1, 2; which K > 1 insertion: 0, 1; the 3-D
-backward kernel: 0, 1), `-regN` its `_WALK_MAXNREG` (registers per thread of the K > 1 walk), `-qsN` its `_QSPLIT`
-(walk programs per query tile); `-old` runs a sorted
+64-point tiles (query tiles of 2 warps where that cloud holds the queries); `-tc64` / `-tc32` the target as
+candidates in 64- / 32-point tiles, as queries in 32 (`sort_cloud(target, lengths, candidate_tile=64)`; its default:
+64 above 8 192 points per cloud; `-pc16`: the pred as candidates in 16-point tiles); `-slot` / `-global` runs only
+that direction (its forward and backward: the profile of one direction); `-walkN` / `-leanN` set knn_triton's `_WALK3`
+/ `_LEAN` while the variant runs (which walk kernel: 0, 1, 2; which insertion: 0, 1); `-old` runs a sorted
 variant through `--base-geometry PACKAGE` (an older tree's geometry folder copied under another name with an empty
 `__init__.py`), e.g. `presorted-grid-old`: the step's way at that tree, in the same process.
 """
@@ -38,7 +36,7 @@ import torch
 SHAPES = {"b32": (32, 16, 200, 20000), "b2": (2, 32, 200, 10000)}  # B, slots, samples per slot, targets
 K_GLOBAL = 3
 # variant parts that set knn_triton's flags while the variant runs
-FLAG_PARTS = {"walk": "_WALK3", "lean": "_LEAN", "bwd": "_BWD3", "reg": "_WALK_MAXNREG", "qs": "_QSPLIT"}
+FLAG_PARTS = {"walk": "_WALK3", "lean": "_LEAN"}
 
 
 def street_targets(B: int, N: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -108,8 +106,7 @@ class Pair:
         self.grid = "grid" in parts  # pred sorted on the target's Morton grid
         # "-slot" / "-global": only that direction (forward and backward), to split the profile
         self.only = "slot" if "slot" in parts else ("global" if "global" in parts else None)
-        # "-walkN" / "-leanN" / "-bwdN": knn_triton's _WALK3 / _LEAN / _BWD3 (walk kernel, K > 1 insertion, 3-D
-        # backward kernel) while this variant runs
+        # "-walkN" / "-leanN": knn_triton's _WALK3 / _LEAN (walk kernel, insertion) while this variant runs
         self.flags = {}
         for p in parts[1:]:
             for prefix, attr in FLAG_PARTS.items():

@@ -34,6 +34,13 @@ __all__ = ["SortedCloud", "sort_cloud", "knn_points_sorted"]
 # H200, the training step's KNN pair at B = 2 (6 400 predicted points against 10 000 targets, N * P = 12 800 and
 # 20 000), graph replay: both clouds sorted 0.21-0.23 ms (target sorted beforehand), brute force 0.42 ms
 SORT_MIN_POINTS = 1 << 13
+# clouds of more points than this (per cloud, P) are also tiled in 64 points for K = 1 searches that take them as
+# candidates: half the candidate tiles, so half the keys each row of the tile order sorts. H200, the training step's
+# pair (this session's run 2, graph replays): slot direction (3 200 predicted points against 20 000 targets per image,
+# B = 32) 0.265 -> 0.181 ms (tile order 0.063 -> 0.022, search 0.112 -> 0.092); pair 0.529 -> 0.499; B = 2 (10 000
+# targets) slot 0.084 -> 0.077. K > 1 searches keep the 32-point tiles (their walk over 64 candidates holds 166
+# registers per thread)
+CANDIDATE_TILE_64_MIN_POINTS = 1 << 13
 
 
 class SortedCloud:
@@ -78,6 +85,11 @@ def _sortable(points: torch.Tensor, sort: Optional[bool]) -> bool:
     return bool(sort) or n * p >= SORT_MIN_POINTS
 
 
+def _default_candidate_tile(p: int, tile: int) -> int:
+    """The candidate tile of a cloud of p points per cloud sorted in query tiles of `tile` points (sort_cloud)."""
+    return 64 if tile == 32 and p > CANDIDATE_TILE_64_MIN_POINTS else tile
+
+
 def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sort: Optional[bool] = None, *,
                grid: Optional[SortedCloud] = None, tile: Optional[int] = None,
                candidate_tile: Optional[int] = None) -> SortedCloud:
@@ -92,6 +104,8 @@ def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sor
     lies inside the other's box, e.g. predicted points inside the target scene); ignored where grid is unsorted.
     candidate_tile: where this cloud holds the candidates, tiles of this many points instead (16, 32 or 64; one
     more launch): larger candidate tiles mean fewer steps of the search's walk, smaller query tiles prune better.
+    None: 64 where P > CANDIDATE_TILE_64_MIN_POINTS and the query tile is 32 (used by K = 1 searches only; K > 1
+    searches take such a cloud's 32-point tiles), else the query tile.
     """
     for name, t in (("tile", tile), ("candidate_tile", candidate_tile)):
         if t is not None and t not in (16, 32, 64):
@@ -107,8 +121,8 @@ def sort_cloud(points: torch.Tensor, lengths: Optional[torch.Tensor] = None, sor
         pts = points if points.is_contiguous() else points.contiguous()
         on = grid.tiles if grid is not None else None
         t = tile or (16 if _interpreting() else 32)
-        two = candidate_tile is not None and candidate_tile != t
-        tiles, ctiles = sort_tiles(pts, lengths, t, grid=on, tile_a2=candidate_tile if two else 0)
+        ct = candidate_tile if candidate_tile is not None else _default_candidate_tile(p, t)
+        tiles, ctiles = sort_tiles(pts, lengths, t, grid=on, tile_a2=ct if ct != t else 0)
     return SortedCloud(points, lengths, tiles, given, ctiles)
 
 
@@ -132,7 +146,10 @@ def knn_points_sorted(p1: SortedCloud, p2: SortedCloud, K: int = 1, norm: int = 
         raise ValueError(f"p2: expected dtype {a.dtype} (p1's), got {b.dtype}")
     from .knn_triton import knn_points_presorted
 
+    # K > 1 over 64-point candidate tiles: the cloud's query tiles instead (the K > 1 walk over 64 candidates holds
+    # 166 registers per thread against 94 over 32)
+    cand = p2.tiles if K > 1 and p2.ctiles.tile == 64 and p2.tiles.tile < 64 else p2.ctiles
     dists, idx = knn_points_presorted(a if a.is_contiguous() else a.contiguous(),
-                                      b if b.is_contiguous() else b.contiguous(), p1.tiles, p2.ctiles, K, norm)
+                                      b if b.is_contiguous() else b.contiguous(), p1.tiles, cand, K, norm)
     nn = knn_gather(b, idx, p2.lengths) if return_nn else None
     return KNN(dists=dists, idx=idx, knn=nn)

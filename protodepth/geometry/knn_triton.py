@@ -16,8 +16,6 @@ Backward (no float atomics, bit-identical across runs, only the gradients autogr
   not depend on the order of arrival; a last pass converts back (inside the accumulation launch when grad_p2 is
   small). A zeroing and 2-3 launches whatever the imbalance between candidates (a sort-based CSR of the chosen pairs,
   an earlier version, took ~25 launches and 0.6-1.2 ms).
-- Points of 3 coordinates and K <= 16 take `_knn_bwd3_kernel` for both passes (K unrolled, one query per thread,
-  relaxed integer adds): the same numbers as the general `_knn_bwd_kernel`, bit for bit.
 
 Small problems (issue 17): eager calls are bound by host time, not by the GPU, so the brute-force search of a small
 problem is one launch (candidates read in place; when the candidates are split over several programs to fill the GPU,
@@ -414,7 +412,7 @@ if triton is not None:
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
         P1, P2, Q_SD, P2S, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False, QSPLIT: tl.constexpr = 1,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False,
     ):
         """The SORTED walk of _knn_fwd_kernel for D = 3 (one split, PyTorch3D padding written directly), arranged for
         memory latency: the queries are loaded once, the next entry of the tile list (tile and bound) is loaded one
@@ -448,8 +446,7 @@ if triton is not None:
         n_steps = tl.cdiv(L2, BLOCK_C)
         if pid_q * BLOCK_Q >= L1:
             n_steps = 0
-        # QSPLIT programs share each query tile's list (each takes BLOCK_Q = tile / QSPLIT of its queries)
-        lbase = (n.to(tl.int64) * T1 + pid_q // QSPLIT) * T2
+        lbase = (n.to(tl.int64) * T1 + pid_q) * T2
         tile = tl.load(order_ptr + lbase, mask=n_steps > 0, other=0).to(tl.int32)
         j = 0
         go_on = n_steps > 0
@@ -502,7 +499,7 @@ if triton is not None:
         p1_ptr, p2_ptr, len1_ptr, len2_ptr, dist_ptr, idx_ptr, perm1_ptr, perm2_ptr, box_ptr, order_ptr, lbs_ptr,
         P1, P2, Q_SD, P2S, T1, T2,
         K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False, QSPLIT: tl.constexpr = 1,
+        BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, LEAN: tl.constexpr = False,
     ):
         """_knn_walk3_kernel with the loads one tile ahead: while tile j is searched, tile j + 1's box, candidates
         and indices and list entry j + 2 are already requested (carried in the loop in the layout they load in).
@@ -534,8 +531,7 @@ if triton is not None:
         n_steps = tl.cdiv(L2, BLOCK_C)
         if pid_q * BLOCK_Q >= L1:
             n_steps = 0
-        # QSPLIT programs share each query tile's list (each takes BLOCK_Q = tile / QSPLIT of its queries)
-        lbase = (n.to(tl.int64) * T1 + pid_q // QSPLIT) * T2
+        lbase = (n.to(tl.int64) * T1 + pid_q) * T2
         # entry 0 in full, entry 1's tile and bound
         tile = tl.load(order_ptr + lbase, mask=n_steps > 0, other=0).to(tl.int32)
         c = tile * BLOCK_C + cols
@@ -979,108 +975,6 @@ if triton is not None:
                 tl.atomic_max(acc_ptr + STAT, mbits)
 
     @triton.jit
-    def _contrib3(a, pb_ptr, gv, valid, NORM: tl.constexpr, ACC: tl.constexpr):
-        """One coordinate of dD/dp1 * g (_knn_bwd_kernel's expression, so the same roundings) for queries at a
-        (BLOCK_Q,) and their candidates' coordinate at pb_ptr; 0 where not valid. Returns (c, c finite)."""
-        diff = a - tl.load(pb_ptr, mask=valid, other=0.0).to(ACC)
-        if NORM == 2:
-            c = 2.0 * diff * gv
-        else:
-            c = tl.where(diff > 0, 1.0, -1.0).to(ACC) * gv
-        c = tl.where(valid, c, 0.0)
-        return c, (c == c) & (tl.abs(c) < float("inf"))
-
-    @triton.jit
-    def _fixed_add3(acc_ptr, off, c, fin, valid, scale, SEM: tl.constexpr):
-        """Add a finite contribution c (BLOCK_Q,) to the fixed-point sums at acc_ptr + off (_knn_bwd_kernel's
-        rounding: floor(c * scale + 0.5) in fp64)."""
-        v = tl.floor(c.to(tl.float64) * scale + 0.5).to(tl.int64)
-        tl.atomic_add(acc_ptr + off, v, mask=valid & fin & (v != 0), sem=SEM)
-
-    @triton.jit
-    def _knn_bwd3_kernel(
-        p1_ptr, p2_ptr, len1_ptr, len2_ptr, idx_ptr, g_ptr, gp1_ptr, acc_ptr, gp2_ptr,
-        P1, P2, GS0, GS1, GS2, STAT, BAD, NE, ND,
-        K: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, PHASE: tl.constexpr,
-        WANT_P1: tl.constexpr, WANT_P2: tl.constexpr, BLOCK_Q: tl.constexpr, FINISH: tl.constexpr = False,
-        FBLOCK: tl.constexpr = 1024,
-    ):
-        """_knn_bwd_kernel for D = 3 and a small constexpr K (same arguments without D, DP; bit-identical results).
-
-        One query per thread with its three coordinates in separate (BLOCK_Q,) vectors: the general kernel's
-        (BLOCK_Q, DP) rows cost shared-memory layout conversions (10 barriers per k in its sm_90 PTX), its runtime
-        loop over k waits for each k's index before the next k's loads, and its fixed-point adds were acquire-release
-        atomics with a returned value. Here the K neighbours' loads are issued together (unrolled), and the adds are
-        relaxed reductions except with FINISH (the last-program conversion inside this launch, which relies on the
-        ticket's ordering); without it the finish kernel runs after this launch, which orders everything.
-        """
-        pid = tl.program_id(0)
-        n = tl.program_id(1)
-        n64 = n.to(tl.int64)
-        L1 = tl.minimum(tl.maximum(tl.load(len1_ptr + n).to(tl.int32), 0), P1)
-        L2 = tl.minimum(tl.maximum(tl.load(len2_ptr + n).to(tl.int32), 0), P2)
-        q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        qmask = q < L1
-        qrow = p1_ptr + (n64 * P1 + q) * 3
-        a0 = tl.load(qrow, mask=qmask, other=0.0).to(ACC)
-        a1 = tl.load(qrow + 1, mask=qmask, other=0.0).to(ACC)
-        a2 = tl.load(qrow + 2, mask=qmask, other=0.0).to(ACC)
-        s0 = tl.zeros((BLOCK_Q,), ACC)
-        s1 = tl.zeros((BLOCK_Q,), ACC)
-        s2 = tl.zeros((BLOCK_Q,), ACC)
-        amax = tl.zeros((BLOCK_Q,), ACC)
-        if PHASE == 1:
-            scale, inv = _fixed_point_scale(acc_ptr, STAT, NE, F64)
-        SEM: tl.constexpr = "acq_rel" if FINISH else "relaxed"
-        for k in tl.static_range(K):
-            valid = qmask & (k < L2)
-            j = tl.load(idx_ptr + (n64 * P1 + q) * K + k, mask=valid, other=0)
-            valid = valid & (j >= 0) & (j < L2)
-            gv = tl.load(g_ptr + n64 * GS0 + q * GS1 + k * GS2, mask=valid, other=0.0).to(ACC)
-            crow = (n64 * P2 + j) * 3
-            c0, f0 = _contrib3(a0, p2_ptr + crow, gv, valid, NORM, ACC)
-            c1, f1 = _contrib3(a1, p2_ptr + crow + 1, gv, valid, NORM, ACC)
-            c2, f2 = _contrib3(a2, p2_ptr + crow + 2, gv, valid, NORM, ACC)
-            if PHASE == 0:
-                if WANT_P1:
-                    s0 += c0
-                    s1 += c1
-                    s2 += c2
-                if WANT_P2:
-                    amax = tl.maximum(amax, tl.where(f0, tl.abs(c0), 0.0))
-                    amax = tl.maximum(amax, tl.where(f1, tl.abs(c1), 0.0))
-                    amax = tl.maximum(amax, tl.where(f2, tl.abs(c2), 0.0))
-            else:
-                _fixed_add3(acc_ptr, crow, c0, f0, valid, scale, SEM)
-                _fixed_add3(acc_ptr, crow + 1, c1, f1, valid, scale, SEM)
-                _fixed_add3(acc_ptr, crow + 2, c2, f2, valid, scale, SEM)
-                bad = (f0 & f1 & f2) == 0
-                tl.atomic_max(acc_ptr + BAD + n64 * P2 + j, bad.to(tl.int64), mask=valid & bad, sem=SEM)
-        if PHASE == 1:
-            if FINISH:
-                # as in _knn_bwd_kernel: every thread's atomics are issued before the ticket is taken
-                tl.debug_barrier()
-                total = tl.num_programs(0) * tl.num_programs(1)
-                ticket = tl.atomic_add(acc_ptr + STAT + 1, 1, sem="acq_rel", scope="gpu")
-                if ticket == total - 1:
-                    for r0 in range(0, ND, FBLOCK):
-                        _grad_p2_finish_block(acc_ptr, gp2_ptr, r0, ND, STAT, BAD, NE, 3, F64, FBLOCK)
-        if PHASE == 0:
-            if WANT_P1:
-                out = gp1_ptr + (n64 * P1 + q) * 3
-                row_ok = q < P1
-                tl.store(out, s0.to(gp1_ptr.dtype.element_ty), mask=row_ok)
-                tl.store(out + 1, s1.to(gp1_ptr.dtype.element_ty), mask=row_ok)
-                tl.store(out + 2, s2.to(gp1_ptr.dtype.element_ty), mask=row_ok)
-            if WANT_P2:
-                m = tl.max(amax, 0)
-                if F64:
-                    mbits = m.to(tl.int64, bitcast=True)
-                else:
-                    mbits = m.to(tl.int32, bitcast=True).to(tl.int64)
-                tl.atomic_max(acc_ptr + STAT, mbits)
-
-    @triton.jit
     def _pair_contrib(pa, pb, gv, m2, NORM: tl.constexpr, ACC: tl.constexpr):
         """dD/dp1 * g for rows pa, pb (B, DP) and g (B,), 0 where m2 (B, DP) is False."""
         diff = pa - pb
@@ -1193,9 +1087,6 @@ _MAX_SORT_TILES = 4096
 # brute-force problems below this many pairs (~30 us of search on an H100) read p2 in place instead of a copy (at
 # 64x200x10000 = 1.3e8 pairs the in-place loads cost 0.03 ms of device time on an H200 against the copy)
 _ROWS_MAX_PAIRS = 1 << 26
-# D = 3 backwards with K up to this go through _knn_bwd3_kernel (K unrolled); _BWD3 = 0 (benchmarks): never
-_BWD3_MAX_K = 16
-_BWD3 = int(os.environ.get("PROTODEPTH_KNN_BWD3", "1"))
 # grad_p2 of at most this many elements is converted inside the accumulation launch (by its last program)
 _FINISH_IN_KERNEL_MAX = 1 << 16
 # backward problems with N*P1*K*P2 at most this many comparisons take the one-launch _knn_bwd_small_kernel; larger
@@ -1352,20 +1243,28 @@ class SortedTiles(NamedTuple):
     bits: int
 
 
-# 3-D sorted searches of 32-query / 16- or 32-candidate tiles through _knn_walk3_kernel (the latency-arranged walk; H200, the
-# training step's KNN pair at B = 32, graph replay: search kernels 0.699 -> 0.653 ms, pair 0.752 -> 0.721 ms; with
-# 64-point tiles it was slower, 0.84 -> 1.10 ms). PROTODEPTH_KNN_WALK3=0: always _knn_fwd_kernel. Benchmarks set it.
-# 2: _knn_walk3p_kernel (loads one tile ahead).
-_WALK3 = int(os.environ.get("PROTODEPTH_KNN_WALK3", "1"))
+# 3-D sorted searches of 16- or 32-query / 16-, 32- or 64-candidate tiles go through a walk kernel: 1
+# _knn_walk3_kernel (the latency-arranged walk; H200, the training step's KNN pair at B = 32, graph replay: search
+# kernels 0.699 -> 0.653 ms, pair 0.752 -> 0.721 ms), 2 _knn_walk3p_kernel (loads one tile ahead); 0 never
+# (_knn_fwd_kernel). None: _walk_choice decides per search. PROTODEPTH_KNN_WALK3 sets it; benchmarks set it.
+_env_walk = os.environ.get("PROTODEPTH_KNN_WALK3")
+_WALK3 = int(_env_walk) if _env_walk is not None else None
+
+
+def _walk_choice(K: int, bc: int, presorted: bool) -> int:
+    """Which walk kernel (see _WALK3) a 3-D sorted search with K neighbours and bc-point candidate tiles takes.
+
+    The look-ahead walk for presorted clouds (the training step's searches; H200 graph replays of the step's pair,
+    this session's run 2: global direction, K = 3, search kernel 0.073 -> 0.059 ms at B = 2 and 0.254 either way at
+    B = 32; slot direction, K = 1 over 32-point tiles, 0.112 -> 0.082 at B = 32 and 0.037 -> 0.030 at B = 2), except
+    K = 1 over 64-point tiles (measured with the plain walk only; the look-ahead one holds 127 registers there, the
+    plain one 106). knn_points' own sorted path keeps the plain walk (not measured on its shapes)."""
+    if _WALK3 is not None:
+        return _WALK3
+    return 2 if presorted and not (K == 1 and bc == 64) else 1
 # the walk kernels' insertion: _topk_insert_lean / _nearest_walk's lean form (1) or _topk_insert / _nearest_update (0).
 # Benchmarks set it.
 _LEAN = int(os.environ.get("PROTODEPTH_KNN_LEAN", "1"))
-# registers per thread allowed to the walk kernels for K > 1 (None: the compiler's choice; fewer registers, more warps
-# per SM, spills). Benchmarks set it.
-_WALK_MAXNREG = None
-# query tiles split over this many walk programs (each walks the tile's list for tile / _QSPLIT of its queries: more,
-# smaller programs, fewer registers, no longer tile lists). Benchmarks set it.
-_QSPLIT = 1
 
 # Morton bits per axis for the counting sort; None: chosen from the cloud sizes (_morton_bits). Benchmarks set it.
 _MORTON_BITS = None
@@ -1561,13 +1460,12 @@ def _knn_forward(p1, p2, lengths1, lengths2, K, norm, block_q=None, block_c=None
     kp = _next_pow2(max(K, 2))
     # (any tiles under the interpreter, whose 16-point tiles stand for the GPU's 32; 16-query tiles: one warp, two
     # lanes per query)
-    if sort and D == 3 and S == 1 and _WALK3 and ((bq in (16, 32) and bc in (16, 32, 64)) or _interpreting()):
-        regs = {"maxnreg": _WALK_MAXNREG} if _WALK_MAXNREG and K > 1 and not _interpreting() else {}
-        qs = _QSPLIT if bq // _QSPLIT >= (8 if _interpreting() else 16) else 1
-        _run(_knn_walk3p_kernel if _WALK3 == 2 else _knn_walk3_kernel, (T1 * qs, N), p1c, p2c, l1, l2, dists, idx,
-             perm1, perm2, box, order, lbs,
-             P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq // qs, BLOCK_C=bc,
-             LEAN=bool(_LEAN), QSPLIT=qs, num_warps=1 if qs > 1 else warps, **regs)
+    walk = _walk_choice(K, bc, presorted is not None) if sort and D == 3 and S == 1 else 0
+    if walk and ((bq in (16, 32) and bc in (16, 32, 64)) or _interpreting()):
+        _run(_knn_walk3p_kernel if walk == 2 else _knn_walk3_kernel, (T1, N), p1c, p2c, l1, l2, dists, idx, perm1,
+             perm2, box, order, lbs,
+             P1, P2, q_sd, p2s, T1, T2, K=K, KP=kp, NORM=norm, ACC=_acc_dtype(p1.dtype), BLOCK_Q=bq, BLOCK_C=bc,
+             LEAN=bool(_LEAN), num_warps=warps)
         return dists, idx
     _run(
         _knn_fwd_kernel, (T1, N, S), p1c, p2c, l1, l2, part_d, part_i, perm1, perm2, box, order, lbs, dists, idx, tickets,
@@ -1660,19 +1558,12 @@ def _knn_backward(p1, p2, lengths1, lengths2, idx, grad_dists, norm, want_p1=Tru
     common = dict(D=D, DP=dp, NORM=norm, ACC=_acc_dtype(p1.dtype), F64=f64, WANT_P1=want_p1, WANT_P2=want_p2,
                   BLOCK_Q=bq, FINISH=finish, FBLOCK=blk, num_warps=4)
     grad_p2 = torch.empty_like(b) if want_p2 else a
-    if D == 3 and K <= _BWD3_MAX_K and _BWD3:
-        # the 3-D kernel: K constexpr (unrolled), no layout conversions, relaxed adds; bit-identical results
-        fn, k_arg = _knn_bwd3_kernel, ()
-        del common["D"], common["DP"]
-        common["K"] = K
-    else:
-        fn, k_arg = _knn_bwd_kernel, (K,)
-    _run(fn, grid, a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc, a,
-         P1, P2, *k_arg, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=0, **common)
+    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, grad_p1 if want_p1 else a, acc, a,
+         P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=0, **common)
     if not want_p2:
         return grad_p1, None
-    _run(fn, grid, a, b, lengths1, lengths2, idx, grad_dists, a, acc, grad_p2,
-         P1, P2, *k_arg, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=1, **common)
+    _run(_knn_bwd_kernel, grid, a, b, lengths1, lengths2, idx, grad_dists, a, acc, grad_p2,
+         P1, P2, K, gs[0], gs[1], gs[2], stat, bad, ne, nd, PHASE=1, **common)
     if not finish:
         _run(_knn_grad_p2_finish_kernel, (_cdiv(nd, blk),), acc, grad_p2, nd, stat, bad, ne, D=D, F64=f64, BLOCK=blk)
     return grad_p1, grad_p2

@@ -62,15 +62,17 @@ _INTERP_SCRIPT = textwrap.dedent(
                    for (w, le), (d, i) in rows.items()},
             ties=int((ref[0][0, :5, 1:] == ref[0][0, :5, :-1]).sum()))
     # a cloud of more than CANDIDATE_TILE_64_MIN_POINTS points sorted in 32-point query tiles: also 64-point candidate
-    # tiles, taken by K = 1 searches (K > 1: the 32-point tiles); both against the brute-force search
+    # tiles, taken by K = 1 searches (K > 1: the 32-point tiles); both against knn_points' torch path
+    from protodepth.geometry.knn import knn_points
+
     big = torch.randn(1, 8200, 3, generator=g); lb = torch.tensor([8150])
     sb = sort_cloud(big, lb, sort=True, tile=32)
-    small = sort_cloud(torch.randn(1, 40, 3, generator=g) * 1.2, sort=True, grid=sb)
+    small = sort_cloud(torch.randn(1, 16, 3, generator=g) * 0.5, sort=True, grid=sb)
     for K in (1, 3):
         r = knn_points_sorted(small, sb, K=K)
-        d, i = kt.knn_points_triton(small.points, big, None, lb, K=K, spatial_sort=False)
+        ref = knn_points(small.points, big, lengths2=lb, K=K)
         out[f"ctile64/K{K}"] = dict(ctile=sb.ctiles.tile, tile=sb.tiles.tile,
-                                    equal=bool(torch.equal(r.dists, d) and torch.equal(r.idx, i)))
+                                    equal=bool(torch.equal(r.dists, ref.dists) and torch.equal(r.idx, ref.idx)))
     print("JSON" + json.dumps(out))
     """
 )

@@ -10,7 +10,10 @@ side stream, beside the backbone). Here a cloud is sorted once:
     s = knn_points_sorted(prd, tgt, K=1)         # = knn_points(pred, target, lengths2=lengths, K=1)
     g = knn_points_sorted(tgt, prd, K=3)         # = knn_points(target, pred, lengths1=lengths, K=3)
 
-Each search then costs 2 launches (tile order, search) plus its backward. The results equal `knn_points`' (indices
+Each search then costs 2 launches (tile order, search) plus its backward; a large cloud (the target) is also tiled in
+64 points for the K = 1 searches that take it as candidates (one launch more in its sort, half the tile order of the
+slot direction). The searches of presorted clouds take the look-ahead walk kernel (`knn_triton._walk_choice`). The
+results equal `knn_points`' (indices
 too, except between candidates at exactly equal distance, where both return the lower index; gradients the same
 kernels). Where the sorted path does not apply (CPU, no Triton, torch.compile tracing, small clouds, K > 32, D > 16)
 `sort_cloud` keeps the cloud unsorted and `knn_points_sorted` is `knn_points`.

@@ -14,15 +14,9 @@ import torch
 
 from protodepth.geometry import ico_sphere
 from protodepth.geometry.sampling import face_areas
+from triton_markers import HAVE_TRITON
 
 REPO = Path(__file__).resolve().parents[1]
-
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
 
 
 def _meshes(device="cpu"):
@@ -37,7 +31,9 @@ def _meshes(device="cpu"):
 def test_interpreted_kernel_gives_twice_pytorchs_face_areas_for_any_vertex_layout():
     code = textwrap.dedent("""
         import os
+        import sys
         os.environ["TRITON_INTERPRET"] = "1"
+        sys.path.insert(0, "tests")  # the test module imports its sibling triton_markers
         import torch
         from protodepth.geometry.areas_triton import doubled_face_areas
         from protodepth.geometry.sampling import face_areas

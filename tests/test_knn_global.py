@@ -15,18 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_markers import HAVE_TRITON, needs_cuda, needs_triton
 
 REPO = Path(__file__).resolve().parents[1]
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
-
-needs_cuda = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable")
 
 _INTERP_SCRIPT = textwrap.dedent(
     """

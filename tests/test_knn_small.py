@@ -16,17 +16,10 @@ import pytest
 import torch
 
 from protodepth.geometry import _triton_launch
+from triton_markers import HAVE_TRITON, needs_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
-
-needs_cuda = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
 
 _INTERP_SCRIPT = textwrap.dedent(
     """

@@ -11,20 +11,13 @@ import torch
 
 from protodepth.geometry.knn import knn_points
 from protodepth.geometry.knn_sorted import knn_points_sorted, sort_cloud
+from triton_markers import HAVE_TRITON, needs_cuda
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
 
 if HAVE_TRITON:  # the interpreter job of tests/test_knn_triton.py (shared: one run per session) holds our cases
     from test_knn_triton import _interpreter_run
 
     BACKGROUND_JOBS = {"interp_report": _interpreter_run}
-
-needs_cuda = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
 
 
 def _clouds(device="cpu", B=3, P1=40, P2=57, seed=0):

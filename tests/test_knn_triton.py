@@ -16,18 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_markers import HAVE_TRITON, needs_cuda, needs_triton
 
 REPO = Path(__file__).resolve().parents[1]
-
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
-
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable on this machine")
-needs_cuda = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
 
 
 def dense_knn_reference(p1, p2, lengths1, lengths2, K, norm=2):

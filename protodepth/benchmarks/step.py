@@ -184,7 +184,8 @@ def bench_loader(args, device) -> None:
 
     Times `args.loader_steps` steps, wall clock: the step on one batch already on the GPU (the ceiling), the
     step fed by DataLoader workers over the preprocessed cache, the step fed by the on-GPU data path
-    (data.device=cuda), and each source alone. Once eager and once with CUDA graphs (only graphed with
+    (data.device=cuda), the step fed by that path's batches made beforehand (what assembling costs the step), and
+    each source alone; then the GPU time of one on-GPU assembly. Once eager and once with CUDA graphs (only graphed with
     --no-eager; the graphed "on one GPU batch" rate is the ceiling the trainer on that config is held to)."""
     from protodepth.config import load_config
     from protodepth.data import build_datasets
@@ -196,8 +197,10 @@ def bench_loader(args, device) -> None:
     workers = workers_per_process(cfg.data, 1)
     dl = data_loader(train_ds, cfg, workers, shuffle=True, train=True)
     on_gpu = DeviceBatches(train_ds, cfg.train.batch_size, 0, 0, 1, device)
+    assembled = list(on_gpu.epoch(0))  # one epoch's batches made beforehand: the step fed without assembling
     sources = {"workers": lambda: _forever(lambda: (_to_gpu(b, device) for b in dl)),
-               "on-GPU data": lambda: _forever(lambda: on_gpu.epoch(0))}
+               "on-GPU data": lambda: _forever(lambda: on_gpu.epoch(0)),
+               "on-GPU data, assembled beforehand": lambda: _forever(lambda: iter(assembled))}
     n, B = args.loader_steps, cfg.train.batch_size
     print(f"\n### the trainer's step fed by its data paths ({args.loader_config}: B={B}, {cfg.data.height}x"
           f"{cfg.data.width}, {cfg.data.image_channels}-channel, {workers} workers, {len(train_ds)} frames, "
@@ -215,6 +218,12 @@ def bench_loader(args, device) -> None:
                      _rate(lambda i: next(it), n, B)]
             print(f"| {'CUDA graphs' if graphed else 'eager'} | {name} | {rates[0]:.0f} | {rates[1]:.0f} | "
                   f"{rates[2]:.0f} | {rates[1] / rates[0]:.0%} |", flush=True)
+    # what assembling a batch on the GPU costs the step beside which it runs: its kernels' device time
+    batches = _forever(lambda: on_gpu.epoch(0))
+    kernels = kernel_times(lambda: next(batches), steps=10)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:3]
+    print(f"\none on-GPU batch assembled: {sum(kernels.values()):.3f} GPU ms of kernels; largest: "
+          + "; ".join(f"{ms:.3f} {name[:60]}" for name, ms in top))
 
 
 def _rate(fn, n: int, batch: int) -> float:

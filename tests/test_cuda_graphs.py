@@ -313,7 +313,7 @@ def _graphed_grad_norms(tmp_path, flat: bool, steps: int = 5) -> list[float]:
     cfg = tiny_config(tmp_path, **{"optim.lr": 1e-12, "data.points_per_bin": 150})
     torch.manual_seed(0)
     acc = Accelerator()
-    model, opt = model_and_optimizer(cfg, acc, deepspeed=False)
+    model, opt = model_and_optimizer(cfg, deepspeed=False)
     model, opt = acc.prepare(model, opt)
     model.eval()  # batch norm statistics stay put: the same gradient at every step
     sync = FlatGrads(model.parameters()) if flat else None

@@ -75,6 +75,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, grad_accum):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_the_optimizer_is_fused_adam_on_the_cpu_too(tmp_path):
+    from protodepth.training.run import model_and_optimizer
+
+    _, opt = model_and_optimizer(tiny_config(tmp_path), deepspeed=False)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
+
+
 def test_resume_latest_without_checkpoints_starts_fresh_but_a_missing_path_is_an_error(tmp_path):
     s = train(tiny_config(tmp_path, **{"train.max_steps": 1, "train.resume": "latest"}))
     assert s["steps"] == 1

@@ -77,7 +77,7 @@ def trainer_step(cfg, graphed: bool, accelerator=None):
         PartialState._reset_state()
         acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     deepspeed = acc.distributed_type.name == "DEEPSPEED"
-    model, opt = model_and_optimizer(cfg, acc, deepspeed=deepspeed)
+    model, opt = model_and_optimizer(cfg, deepspeed=deepspeed)
     model, opt, _, sync = prepare_for_training(cfg, acc, model, opt, [], flat=graphed and acc.num_processes > 1)
     guard = NonFiniteGuard.for_run(cfg, acc, opt, deepspeed=deepspeed)
     faces = acc.unwrap_model(model).faces.to(acc.device)

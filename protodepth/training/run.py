@@ -73,7 +73,7 @@ def _datasets(cfg: Config, accelerator):
     return train_ds, val_ds
 
 
-def model_and_optimizer(cfg: Config, accelerator, deepspeed: bool):
+def model_and_optimizer(cfg: Config, deepspeed: bool):
     model = ProtoDepth(cfg.model)
     # DeepSpeed flattens parameters through byte views, which need a unit last stride: no channels-last there
     if cfg.model.channels_last and not deepspeed:
@@ -144,7 +144,7 @@ def build_run(cfg: Config) -> Run:
     graphed = t.cuda_graphs is not False and why_not is None
     flat = data_parallel_is_flat(cfg, graphed, world, deepspeed)
 
-    model, optimizer = model_and_optimizer(cfg, acc, deepspeed)
+    model, optimizer = model_and_optimizer(cfg, deepspeed)
     faces = model.faces
     workers = _workers(cfg)
     train_src, val_src, data_note, loaders = training_batches(cfg, acc, train_ds, val_ds, workers)
